@@ -1,0 +1,170 @@
+"""MLA (multi-head latent attention) with YaRN rope, in the two forms of KIMI_K2_SPEC.md §4.4/§4.5.
+
+* plain form (prefill): the latent c_kv of every key is expanded through kv_b_proj into per-head
+  k_nope and v, then ordinary causal attention;
+* absorbed form (decode): kv_b_proj is folded into the query (W_UK) and the output (W_UV), so the
+  attention reads the 576-wide latent (c_kv | k_pe) directly, never per-head keys or values.
+Both read and write the latent cache (hybrid/kv_cache.py); tests/test_model.py checks the plain
+form against transformers and tests/test_kv_cache.py checks absorbed decode against recompute.
+
+T tokens (all sequences of a step packed together), H heads, R kv_lora_rank, P rope dim.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def yarn_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of the rope dims, with YaRN's ramp between extrapolation and interpolation."""
+    dim, base = config.qk_rope_head_dim, config.rope_theta
+    freq_extra = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    rs = config.rope_scaling
+    if rs.type != "yarn":
+        return freq_extra
+    freq_inter = freq_extra / rs.factor
+
+    def corr_dim(rotations: float) -> float:
+        return dim * math.log(rs.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(corr_dim(rs.beta_fast)), 0)
+    high = min(math.ceil(corr_dim(rs.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extra_mask = 1 - ramp
+    return freq_inter * (1 - extra_mask) + freq_extra * extra_mask
+
+
+class Rope:
+    """cos/sin tables per position; `apply` uses the reference's interleaved-pair convention."""
+
+    def __init__(self, config: ModelConfig):
+        self.inv_freq = yarn_inv_freq(config)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]   # [T, P/2]
+        emb = torch.cat([freqs, freqs], dim=-1)                                           # [T, P]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, ..., P] with pairs (x[2j], x[2j+1]); result in the reference's de-interleaved order."""
+        shape = x.shape
+        x = x.reshape(*shape[:-1], shape[-1] // 2, 2).transpose(-1, -2).reshape(shape)
+        half = shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        while cos.dim() < x.dim():                       # broadcast over head dims
+            cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        return x * cos + rotated * sin
+
+
+@dataclass
+class Batch:
+    """Where the T packed tokens of one step belong: one entry per sequence, in token order."""
+    slots: list[int]       # cache row of each sequence
+    starts: list[int]      # tokens already in the cache before this step (= position of its first new token)
+    lengths: list[int]     # new tokens of each sequence this step (sum = T)
+    positions: torch.Tensor  # [T] int64
+
+    @staticmethod
+    def single(n_tokens: int, start: int = 0, slot: int = 0, device="cpu") -> "Batch":
+        return Batch([slot], [start], [n_tokens], torch.arange(start, start + n_tokens, device=device))
+
+
+class MLAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.h, self.nope, self.rope_dim, self.vd = (c.num_attention_heads, c.qk_nope_head_dim,
+                                                     c.qk_rope_head_dim, c.v_head_dim)
+        self.r = c.kv_lora_rank
+        qk = self.nope + self.rope_dim
+        if c.q_lora_rank:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, eps=1e-6)   # reference builds it without eps: 1e-6
+            self.q_b_proj = nn.Linear(c.q_lora_rank, self.h * qk, bias=False)
+        else:
+            self.q_proj = nn.Linear(c.hidden_size, self.h * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, self.r + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.r, eps=1e-6)
+        self.kv_b_proj = nn.Linear(self.r, self.h * (self.nope + self.vd), bias=False)
+        self.o_proj = nn.Linear(self.h * self.vd, c.hidden_size, bias=False)
+        self.scale = c.softmax_scale
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch,
+                cache=None, absorb: bool = False) -> torch.Tensor:
+        T = x.shape[0]
+        if hasattr(self, "q_a_proj"):
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
+        q = q.view(T, self.h, self.nope + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)       # [T, H, nope], [T, H, P]
+        kv_a = self.kv_a_proj_with_mqa(x)
+        c_kv, k_pe = kv_a.split([self.r, self.rope_dim], dim=-1)          # [T, R], [T, P]
+        c_kv = self.kv_a_layernorm(c_kv)
+        q_pe = Rope.apply(q_pe, cos, sin)
+        k_pe = Rope.apply(k_pe, cos, sin)
+
+        outs = []
+        offset = 0
+        for slot, start, n in zip(batch.slots, batch.starts, batch.lengths):
+            tok = slice(offset, offset + n)
+            offset += n
+            if cache is not None:
+                cache.write(self.layer_idx, slot, start, c_kv[tok], k_pe[tok])
+                keys_c, keys_pe = cache.read(self.layer_idx, slot, start + n)   # [L, R], [L, P]
+            else:
+                assert start == 0, "without a cache every sequence starts at position 0"
+                keys_c, keys_pe = c_kv[tok], k_pe[tok]
+            attend = self._absorbed if absorb else self._plain
+            outs.append(attend(q_nope[tok], q_pe[tok], keys_c, keys_pe, start))
+        o = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]           # [T, H, V]
+        return self.o_proj(o.reshape(T, self.h * self.vd))
+
+    def _causal_softmax(self, scores: torch.Tensor, start: int) -> torch.Tensor:
+        """scores [H, n, L] for queries at positions start.. over keys 0..L-1 -> probabilities."""
+        n, L = scores.shape[-2:]
+        if n > 1:
+            q_pos = torch.arange(start, start + n, device=scores.device)[:, None]
+            k_pos = torch.arange(L, device=scores.device)[None, :]
+            scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+        return torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+
+    def _plain(self, q_nope, q_pe, keys_c, keys_pe, start):
+        kv = self.kv_b_proj(keys_c).view(-1, self.h, self.nope + self.vd)    # [L, H, nope+V]
+        k_nope, v = kv.split([self.nope, self.vd], dim=-1)
+        scores = (torch.einsum("nhd,lhd->hnl", q_nope, k_nope)
+                  + torch.einsum("nhp,lp->hnl", q_pe, keys_pe)) * self.scale  # [H, n, L]
+        probs = self._causal_softmax(scores, start)
+        return torch.einsum("hnl,lhv->nhv", probs, v)                       # [n, H, V]
+
+    def _absorbed(self, q_nope, q_pe, keys_c, keys_pe, start):
+        w = self.kv_b_proj.weight.view(self.h, self.nope + self.vd, self.r)
+        w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]                     # [H, nope, R], [H, V, R]
+        q_lat = torch.einsum("nhd,hdr->nhr", q_nope, w_uk)                  # [n, H, R]
+        scores = (torch.einsum("nhr,lr->hnl", q_lat, keys_c)
+                  + torch.einsum("nhp,lp->hnl", q_pe, keys_pe)) * self.scale
+        probs = self._causal_softmax(scores, start)
+        o_lat = torch.einsum("hnl,lr->nhr", probs, keys_c)                  # [n, H, R]
+        return torch.einsum("nhr,hvr->nhv", o_lat, w_uv)                    # [n, H, V]
