@@ -1,0 +1,187 @@
+"""Routed experts of one MoE layer on the CPU, behind a submit/wait interface.
+
+``CPUExperts`` (backend "numba") keeps the experts in the INT4 kernel layout of ``layout.py`` and
+runs ``moe_int4.py``; ``RefExperts`` (backend "ref") keeps dequantized fp32 weights and runs
+``reference.moe_int4_ref``. Both: ``load_expert``/``load_expert_dense`` at load,
+``submit(x, topk_ids, topk_weights)`` (returns at once), ``wait()`` -> fp32 [T, D] torch tensor,
+``forward`` = submit + wait, ``dequantized(e)``, ``nbytes``.
+Checked by tests/test_cpu_kernels.py; speed by tools/bench_experts.py.
+"""
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+import torch
+
+from . import layout
+from .moe_int4 import HAS_AVX2, down, gate_up, quantize_rows
+from .reference import dequantize_ref, moe_int4_ref
+
+# T tokens, K top-k, E experts, D hidden, I intermediate
+
+# One worker thread for all layers' CPU work: numba's default (workqueue) threading layer must not
+# run two parallel regions at once, and the model runs its MoE layers one after the other anyway.
+_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpu-experts")
+
+ACT_FORMATS = ("int8",)
+DOWN_ROWS_PER_ITEM = 32
+
+
+def _as_np(a, dtype):
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu()
+        a = a.float() if dtype == np.float32 else a
+        a = a.numpy()
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+class _SubmitWait:
+    """submit/wait/forward on top of a subclass's ``_run(x, ids, wts) -> np.ndarray``."""
+
+    def _init_common(self, num_experts, hidden_size, intermediate_size, num_threads):
+        if hidden_size % layout.GROUP or intermediate_size % layout.GROUP:
+            raise ValueError(f"hidden_size ({hidden_size}) and intermediate_size ({intermediate_size}) "
+                             f"must be multiples of the group size {layout.GROUP}")
+        self.E, self.D, self.I = num_experts, hidden_size, intermediate_size
+        self.num_threads = num_threads or numba.config.NUMBA_NUM_THREADS
+        self._loaded = np.zeros(num_experts, bool)
+        self._future = None
+
+    def _check_inputs(self, x, topk_ids, topk_weights):
+        x = _as_np(x, np.float32)
+        ids = _as_np(topk_ids, np.int64)
+        wts = _as_np(topk_weights, np.float32)
+        assert x.ndim == 2 and x.shape[1] == self.D, f"x must be [T, {self.D}], got {x.shape}"
+        assert ids.shape == wts.shape and ids.shape[0] == x.shape[0], \
+            f"topk_ids {ids.shape} / topk_weights {wts.shape} do not match x {x.shape}"
+        if ids.size and (ids.min() < 0 or ids.max() >= self.E):
+            raise ValueError(f"expert ids must be in [0, {self.E}), got [{ids.min()}, {ids.max()}]")
+        if ids.size and not self._loaded[ids].all():
+            raise ValueError(f"experts {sorted(set(ids[~self._loaded[ids]].tolist()))[:8]} were never loaded")
+        return x, ids, wts
+
+    def submit(self, x, topk_ids, topk_weights):
+        """Start the routed experts for x [T, D]; returns at once. Call wait() for the result."""
+        assert self._future is None, "submit() called twice without wait()"
+        args = self._check_inputs(x, topk_ids, topk_weights)
+        self._future = _WORKER.submit(self._run, *args)
+
+    def wait(self) -> torch.Tensor:
+        """The output of the last submit(): fp32 [T, D]."""
+        assert self._future is not None, "wait() without submit()"
+        fut, self._future = self._future, None
+        return torch.from_numpy(fut.result())
+
+    def forward(self, x, topk_ids, topk_weights) -> torch.Tensor:
+        self.submit(x, topk_ids, topk_weights)
+        return self.wait()
+
+    __call__ = forward
+
+    def load_expert_dense(self, e, w_gate, w_up, w_down):
+        """Dense [N, K] weights (bf16/FP8-dequantized/fp32): RTN int4 group 32, then load_expert."""
+        self.load_expert(e, *layout.quantize_rtn(w_gate), *layout.quantize_rtn(w_up),
+                         *layout.quantize_rtn(w_down))
+
+
+class CPUExperts(_SubmitWait):
+    """INT4 experts in the kernel layout, run by the Numba kernels (backend "numba")."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 num_threads: int | None = None, act_format: str = "int8"):
+        if act_format not in ACT_FORMATS:
+            raise ValueError(f"act_format must be one of {ACT_FORMATS}, got {act_format!r}")
+        self._init_common(num_experts, hidden_size, intermediate_size, num_threads)
+        self.act_format = act_format
+        E, D, I = num_experts, hidden_size, intermediate_size
+        GD, GI = D // layout.GROUP, I // layout.GROUP
+        # np.empty: pages are only touched when an expert is loaded
+        self.wg = np.empty((E, I, 16 * GD), np.uint8)
+        self.sg = np.empty((E, I, GD), np.uint16)
+        self.wu = np.empty((E, I, 16 * GD), np.uint8)
+        self.su = np.empty((E, I, GD), np.uint16)
+        self.wd = np.empty((E, D, 16 * GI), np.uint8)
+        self.sd = np.empty((E, D, GI), np.uint16)
+        per_expert = 3 * D * I // 2 + 3 * D * I // layout.GROUP * 2  # on-disk int4 + bf16 scales
+        assert self.nbytes == E * per_expert, (self.nbytes, E * per_expert)
+        self.use_simd = True  # the IR path (generic vectors where AVX2 is missing)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.wg, self.sg, self.wu, self.su, self.wd, self.sd))
+
+    def load_expert(self, e, gate_packed, gate_scale, up_packed, up_scale, down_packed, down_scale):
+        """One expert's compressed-tensors tensors as on disk -> kernel layout (only copy kept)."""
+        assert 0 <= e < self.E, f"expert {e} out of range [0, {self.E})"
+        layout.repack(gate_packed, gate_scale, self.wg[e], self.sg[e])
+        layout.repack(up_packed, up_scale, self.wu[e], self.su[e])
+        layout.repack(down_packed, down_scale, self.wd[e], self.sd[e])
+        self._loaded[e] = True
+
+    def dequantized(self, e):
+        """(w_gate [I, D], w_up [I, D], w_down [D, I]) fp32: exactly the weights the kernel uses."""
+        return tuple(torch.from_numpy(layout.dequantize_layout(w[e], s[e]))
+                     for w, s in ((self.wg, self.sg), (self.wu, self.su), (self.wd, self.sd)))
+
+    def _run(self, x, ids, wts):
+        numba.set_num_threads(self.num_threads)
+        T, K = ids.shape
+        y = np.zeros((T, self.D), np.float32)
+        if T == 0 or K == 0:
+            return y
+        flat = ids.reshape(-1)
+        order = np.argsort(flat, kind="stable")  # slots sorted by expert
+        slot_tok = (order // K).astype(np.int64)
+        slot_w = wts.reshape(-1)[order]
+        counts = np.bincount(flat, minlength=self.E)
+        estart = np.zeros(self.E + 1, np.int64)
+        np.cumsum(counts, out=estart[1:])
+        act_e = np.nonzero(counts)[0].astype(np.int64)
+        nchunk = self.I // 32
+        item_e = np.repeat(act_e, nchunk)
+        item_r0 = np.tile(np.arange(nchunk, dtype=np.int64) * 32, act_e.shape[0])
+        # interleave experts so that a static split gives each thread a similar mix
+        perm = np.argsort(np.tile(np.arange(nchunk), act_e.shape[0]), kind="stable")
+        item_e, item_r0 = item_e[perm], item_r0[perm]
+
+        xq = np.empty((T, self.D), np.int8)
+        xasc = np.empty((T, 2 * self.D // 32), np.float32)
+        quantize_rows(x, xq, xasc)
+        S = T * K
+        hq = np.empty((S, self.I), np.int8)
+        hasc = np.empty((S, 2 * self.I // 32), np.float32)
+        gate_up(self.wg, self.sg, self.wu, self.su, xq, xasc, slot_tok, estart, item_e, item_r0,
+                hq, hasc, self.use_simd)
+        down(self.wd, self.sd, hq, hasc, slot_tok, slot_w, act_e, estart, y, DOWN_ROWS_PER_ITEM,
+             self.use_simd)
+        return y
+
+
+class RefExperts(_SubmitWait):
+    """Dequantized fp32 experts run by ``moe_int4_ref`` (backend "ref", the yardstick)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 num_threads: int | None = None, act_format: str = "fp32"):
+        self._init_common(num_experts, hidden_size, intermediate_size, num_threads)
+        E, D, I = num_experts, hidden_size, intermediate_size
+        self.w_gate = np.zeros((E, I, D), np.float32)
+        self.w_up = np.zeros((E, I, D), np.float32)
+        self.w_down = np.zeros((E, D, I), np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return self.w_gate.nbytes + self.w_up.nbytes + self.w_down.nbytes
+
+    def load_expert(self, e, gate_packed, gate_scale, up_packed, up_scale, down_packed, down_scale):
+        for dst, p, s in ((self.w_gate, gate_packed, gate_scale), (self.w_up, up_packed, up_scale),
+                          (self.w_down, down_packed, down_scale)):
+            # straight from the on-disk format (independent of the kernel layout)
+            dst[e] = dequantize_ref(p, layout.bf16_bits_to_f32(layout.bf16_bits(s)))
+        self._loaded[e] = True
+
+    def dequantized(self, e):
+        return tuple(torch.from_numpy(w[e].copy()) for w in (self.w_gate, self.w_up, self.w_down))
+
+    def _run(self, x, ids, wts):
+        return moe_int4_ref(x, ids, wts, self.w_gate, self.w_up, self.w_down)
