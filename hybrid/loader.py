@@ -83,7 +83,7 @@ def load_experts(ckpt: Checkpoint, i: int, backend: str, num_threads: int | None
     shapes = {"gate_proj": (I, D), "up_proj": (I, D), "down_proj": (D, I)}
     for e in range(c.n_routed_experts):
         P = f"model.layers.{i}.mlp.experts.{e}"
-        if ckpt.weight_format(f"{P}.gate_proj") == "int4":
+        if all(ckpt.weight_format(f"{P}.{proj}") == "int4" for proj in shapes):
             parts = []
             for proj, (n, k) in shapes.items():
                 parts.extend(ckpt.int4(f"{P}.{proj}", n, k))

@@ -61,7 +61,7 @@ def build_hf_model(model_dir: str | Path):
                                                    _dense(raw, f"{prefix}.{e}.up_proj", 32)]) for e in range(E)])
             else:
                 sd[name] = torch.stack([_dense(raw, f"{prefix}.{e}.down_proj", 32) for e in range(E)])
-        elif name.endswith(".weight") and name not in raw:
+        elif name.endswith(".weight") and (name not in raw or name[:-7] + ".weight_scale_inv" in raw):
             sd[name] = _dense(raw, name[: -len(".weight")], 32)
         elif name in raw:
             sd[name] = raw[name].float()

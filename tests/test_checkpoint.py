@@ -1,0 +1,159 @@
+"""The checkpoint reader: lazy reads, and one clear error (file + tensor) for each kind of bad input."""
+import json
+import resource
+import shutil
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hybrid import LLM, CheckpointError, ConfigError, load_config
+from hybrid.checkpoint import Checkpoint
+
+EXPERT = "model.layers.1.mlp.experts.3.up_proj"
+NORM = "model.layers.0.input_layernorm.weight"
+
+
+@pytest.fixture
+def ckpt_copy(tiny_dir, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, dst)
+    return dst
+
+
+def _shard_of(d, name):
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    return d / index["weight_map"]["language_model." + name]
+
+
+def _rewrite(d, name, new=None, drop=False, path=None):
+    """Replace, add or drop one tensor inside its shard, keeping the index as it is."""
+    path = path or _shard_of(d, name)
+    tensors = load_file(str(path))
+    if drop:
+        del tensors["language_model." + name]
+    else:
+        tensors["language_model." + name] = new
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path
+
+
+def _load(d):
+    return LLM(d, expert_backend="torch", progress=False)
+
+
+def test_reads_lazily_from_a_memory_map(tmp_path):
+    """A shard with a 3 GB tensor (sparse file): opening it and reading a small tensor reads almost nothing."""
+    d = tmp_path / "big"
+    d.mkdir()
+    small = torch.arange(16, dtype=torch.float32)
+    header = {"small": {"dtype": "F32", "shape": [16], "data_offsets": [0, 64]},
+              "huge": {"dtype": "BF16", "shape": [3 * 2**29], "data_offsets": [64, 64 + 3 * 2**30]}}
+    raw = json.dumps(header).encode()
+    path = d / "model.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + small.numpy().tobytes())
+        f.truncate(8 + len(raw) + 64 + 3 * 2**30)
+    config = load_config(__import__("pathlib").Path(__file__).parent / "fixtures" / "kimi-k2-thinking")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ck = Checkpoint(d, config)
+    assert torch.equal(ck.tensor("small", shape=(16,)), small)
+    huge = ck.tensor("huge")
+    assert huge.shape == (3 * 2**29,) and huge[-1].item() == 0.0     # touches one page
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 200, f"reading two tensors grew the process by {grown_mb:.0f} MB"
+
+
+def test_missing_shard_names_index_and_shard(ckpt_copy):
+    shard = _shard_of(ckpt_copy, EXPERT + ".weight_packed")
+    shard.unlink()
+    with pytest.raises(CheckpointError) as e:
+        _load(ckpt_copy)
+    msg = str(e.value)
+    assert "model.safetensors.index.json" in msg and shard.name in msg and "missing" in msg
+
+
+def test_missing_tensor_is_named(ckpt_copy):
+    _rewrite(ckpt_copy, EXPERT + ".weight_scale", drop=True)
+    index = ckpt_copy / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    del data["weight_map"]["language_model." + EXPERT + ".weight_scale"]
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=f"'language_model.{EXPERT}.weight_scale' not found"):
+        _load(ckpt_copy)
+
+
+def test_index_lists_a_tensor_the_shard_lacks(ckpt_copy):
+    path = _rewrite(ckpt_copy, NORM, drop=True)
+    with pytest.raises(CheckpointError) as e:
+        _load(ckpt_copy)
+    assert path.name in str(e.value) and NORM in str(e.value)
+
+
+def test_wrong_shape_is_named(ckpt_copy):
+    path = _rewrite(ckpt_copy, NORM, torch.ones(100, dtype=torch.bfloat16))
+    with pytest.raises(CheckpointError) as e:
+        _load(ckpt_copy)
+    assert path.name in str(e.value) and NORM in str(e.value) and "[100]" in str(e.value) and "[128]" in str(e.value)
+
+
+def test_wrong_dtype_is_named(ckpt_copy):
+    packed = load_file(str(_shard_of(ckpt_copy, EXPERT + ".weight_packed")))["language_model." + EXPERT + ".weight_packed"]
+    _rewrite(ckpt_copy, EXPERT + ".weight_packed", packed.to(torch.int64))
+    with pytest.raises(CheckpointError, match=r"weight_packed' has dtype I64, expected I32"):
+        _load(ckpt_copy)
+
+
+def test_weight_shape_disagreeing_with_config(ckpt_copy):
+    _rewrite(ckpt_copy, EXPERT + ".weight_shape", torch.tensor([64, 256], dtype=torch.int32))
+    with pytest.raises(CheckpointError, match=r"weight_shape' is \[64, 256\], config.json implies \[64, 128\]"):
+        _load(ckpt_copy)
+
+
+def test_truncated_shard(ckpt_copy):
+    path = _shard_of(ckpt_copy, EXPERT + ".weight_packed")
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size - 1000)
+    with pytest.raises(CheckpointError) as e:
+        _load(ckpt_copy)
+    assert path.name in str(e.value) and "truncated" in str(e.value)
+
+
+def test_corrupt_header(ckpt_copy):
+    path = _shard_of(ckpt_copy, EXPERT + ".weight_packed")
+    with open(path, "r+b") as f:
+        f.seek(8)
+        f.write(b"\x00garbage!")
+    with pytest.raises(CheckpointError, match="corrupt shard header") as e:
+        _load(ckpt_copy)
+    assert path.name in str(e.value)
+    with open(path, "r+b") as f:
+        f.write(struct.pack("<Q", 2**40))
+    with pytest.raises(CheckpointError, match="header length"):
+        _load(ckpt_copy)
+
+
+def test_unknown_quantization_format_of_a_tensor(ckpt_copy):
+    """An asymmetric-INT4 tensor (zero points) where our format has none: named, not misread."""
+    index = ckpt_copy / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    shard = _shard_of(ckpt_copy, EXPERT + ".weight_packed")
+    _rewrite(ckpt_copy, EXPERT + ".weight_zero_point", torch.zeros(64, 4, dtype=torch.int32), path=shard)
+    for suffix in (".weight_packed", ".weight_scale", ".weight_shape"):
+        _rewrite(ckpt_copy, EXPERT + suffix, drop=True)
+        del data["weight_map"]["language_model." + EXPERT + suffix]
+    data["weight_map"]["language_model." + EXPERT + ".weight_zero_point"] = shard.name
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="unknown quantization format") as e:
+        _load(ckpt_copy)
+    assert EXPERT in str(e.value)
+
+
+def test_unknown_quantization_method_in_config(ckpt_copy):
+    cfg = json.loads((ckpt_copy / "config.json").read_text())
+    cfg["text_config"]["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (ckpt_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="quant_method.*awq"):
+        _load(ckpt_copy)
