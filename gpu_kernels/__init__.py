@@ -1,0 +1,55 @@
+"""Triton kernels for the accelerator side, each with a torch reference beside it.
+
+    from gpu_kernels import mla_decode, int4_matmul, int8_matmul
+    o_lat = mla_decode(q_lat, q_pe, ckv, kpe, slots, lengths, softmax_scale)   # absorbed MLA decode
+    y = int4_matmul(x, weight_packed, weight_scale)                            # W4A16, group 32
+    y = int8_matmul(x, weight_q, weight_scale)                                 # 8-bit weight-only
+
+Each wrapper runs the Triton kernel when the tensors are on CUDA, or when TRITON_INTERPRET=1 (the
+interpreter runs kernels on CPU tensors, which is how the kernels are tested on machines without a
+GPU), and the torch reference otherwise. `KERNELS[name] = {"ref": ..., "triton": ...}` names both.
+A shape the kernel cannot handle falls back to the reference. Tests: tests/test_gpu_kernels.py.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:   # ImportError, or a broken CUDA toolchain on import
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the Triton kernel should run for these tensors (all on CUDA, or the interpreter is on)."""
+    if not triton_available():
+        return False
+    if interpreting():
+        return all(t.device.type == "cpu" for t in tensors)
+    return all(t.is_cuda for t in tensors)
+
+
+from .int4_matmul import int4_matmul, int4_matmul_ref, int4_matmul_triton  # noqa: E402
+from .int8_matmul import (int8_matmul, int8_matmul_ref, int8_matmul_triton,  # noqa: E402
+                          quantize_weight_8bit)
+from .mla_decode import mla_decode, mla_decode_ref, mla_decode_triton  # noqa: E402
+
+KERNELS = {
+    "mla_decode": {"ref": mla_decode_ref, "triton": mla_decode_triton},
+    "int4_matmul": {"ref": int4_matmul_ref, "triton": int4_matmul_triton},
+    "int8_matmul": {"ref": int8_matmul_ref, "triton": int8_matmul_triton},
+}
+
+__all__ = ["mla_decode", "mla_decode_ref", "mla_decode_triton", "int4_matmul", "int4_matmul_ref",
+           "int4_matmul_triton", "int8_matmul", "int8_matmul_ref", "int8_matmul_triton",
+           "quantize_weight_8bit", "use_triton", "triton_available", "interpreting", "KERNELS"]
