@@ -1,6 +1,14 @@
 """hybrid: CPU/GPU hybrid inference for Kimi K2.6 / K2.5 / K2-Thinking / DeepSeek-V3 checkpoints."""
 from .config import ConfigError, ModelConfig, load_config
 from .checkpoint import CheckpointError
-from .engine import LLM
+from .engine import LLM, RequestOutput
+from .sampling import SamplingParams
 
-__all__ = ["LLM", "ModelConfig", "load_config", "ConfigError", "CheckpointError"]
+__all__ = ["LLM", "RequestOutput", "SamplingParams", "Tokenizer", "ModelConfig", "load_config", "ConfigError", "CheckpointError"]
+
+
+def __getattr__(name):
+    if name == "Tokenizer":
+        from .tokenizer import Tokenizer
+        return Tokenizer
+    raise AttributeError(name)

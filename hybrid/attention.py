@@ -112,7 +112,8 @@ class MLAttention(nn.Module):
         self.scale = c.softmax_scale
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch,
-                cache=None, absorb: bool = False) -> torch.Tensor:
+                cache=None, absorb: bool | None = None) -> torch.Tensor:
+        """absorb: True/False forces a form; None picks per sequence (absorbed for 1-token decode)."""
         T = x.shape[0]
         if hasattr(self, "q_a_proj"):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -137,7 +138,8 @@ class MLAttention(nn.Module):
             else:
                 assert start == 0, "without a cache every sequence starts at position 0"
                 keys_c, keys_pe = c_kv[tok], k_pe[tok]
-            attend = self._absorbed if absorb else self._plain
+            use_absorbed = (n == 1 and cache is not None) if absorb is None else absorb
+            attend = self._absorbed if use_absorbed else self._plain
             outs.append(attend(q_nope[tok], q_pe[tok], keys_c, keys_pe, start))
         o = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]           # [T, H, V]
         return self.o_proj(o.reshape(T, self.h * self.vd))

@@ -47,7 +47,7 @@ class KimiForCausalLM(nn.Module):
         self.rope = Rope(config)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, batch: Batch, cache=None, absorb: bool = False,
+    def forward(self, input_ids: torch.Tensor, batch: Batch, cache=None, absorb: bool | None = None,
                 logits_for: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [T] of the sequences in `batch`; logits only at rows `logits_for` if given."""
         h = self.model.embed_tokens(input_ids)                              # [T, D]

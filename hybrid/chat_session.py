@@ -1,0 +1,94 @@
+"""Chat on top of the engine: messages -> the checkpoint's own template (hybrid/chat.py) -> generation
+-> reasoning / content / tool calls (hybrid/parsing.py). Used by LLM.chat / LLM.chat_stream, the
+terminal chat and the server. Checked by tests/test_engine.py::test_chat_*.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .chat import encode_chat
+from .parsing import Delta, ParsedMessage, StreamParser, accumulate
+from .sampling import SamplingParams
+
+
+def load_chat_template(model_dir: Path) -> str:
+    """chat_template.jinja (K2.5+ layout), else tokenizer_config.json's chat_template."""
+    path = Path(model_dir) / "chat_template.jinja"
+    if path.is_file():
+        return path.read_text()
+    cfg = Path(model_dir) / "tokenizer_config.json"
+    if cfg.is_file():
+        template = json.loads(cfg.read_text()).get("chat_template")
+        if isinstance(template, str):
+            return template
+    raise ValueError(f"{model_dir}: no chat template (chat_template.jinja or tokenizer_config.json "
+                     "'chat_template'); use generate() with plain prompts")
+
+
+def chat_sampling(sampling: SamplingParams | None) -> SamplingParams:
+    """Chat output keeps the special markers (<think>, tool-call sections) in its text for the parser."""
+    return dataclasses.replace(sampling or SamplingParams(), skip_special_tokens=False)
+
+
+@dataclass
+class ChatResult:
+    message: ParsedMessage
+    finish_reason: str               # "stop" | "length" | "tool_calls" | "abort"
+    usage: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    prompt_token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+
+
+def chat_prompt_ids(llm, messages, tools=None, thinking: bool = True, preserve_thinking: bool = False,
+                    **template_kwargs) -> list[int]:
+    if llm.tokenizer is None:
+        raise ValueError(f"{llm.model_dir} has no tokenizer files; chat needs tiktoken.model")
+    if getattr(llm, "_chat_template", None) is None:
+        llm._chat_template = load_chat_template(llm.model_dir)
+    return encode_chat(llm.tokenizer, llm._chat_template, messages, tools=tools, thinking=thinking,
+                       preserve_thinking=preserve_thinking, **template_kwargs)
+
+
+def _usage(prompt: list[int], cached: int, completion: int) -> dict:
+    return {"prompt_tokens": len(prompt), "completion_tokens": completion,
+            "total_tokens": len(prompt) + completion, "cached_prompt_tokens": cached}
+
+
+def chat_stream(llm, messages, sampling=None, tools=None, thinking: bool = True, preserve_thinking: bool = False,
+                **template_kwargs) -> Iterator[Delta | ChatResult]:
+    """Yield parsing Deltas (reasoning / content / tool_call) as they come, then one final ChatResult."""
+    prompt = chat_prompt_ids(llm, messages, tools, thinking, preserve_thinking, **template_kwargs)
+    parser = StreamParser(thinking=thinking)
+    deltas: list[Delta] = []
+    token_ids: list[int] = []
+    last = None
+    for out in llm.stream(prompt, chat_sampling(sampling)):
+        last = out
+        token_ids += out.token_ids
+        for d in parser.feed(out.text):
+            deltas.append(d)
+            yield d
+    for d in parser.finish():
+        deltas.append(d)
+        yield d
+    message = accumulate(deltas, thinking)
+    reason = last.finish_reason if last is not None else "stop"
+    if message.tool_calls and reason == "stop":
+        reason = "tool_calls"
+    cached = last.cached_prompt_tokens if last is not None else 0
+    yield ChatResult(message, reason, _usage(prompt, cached, len(token_ids)), last.metrics if last else {},
+                     prompt, token_ids)
+
+
+def chat(llm, messages, sampling=None, tools=None, thinking: bool = True, preserve_thinking: bool = False,
+         **template_kwargs) -> ChatResult:
+    result = None
+    for item in chat_stream(llm, messages, sampling, tools, thinking, preserve_thinking, **template_kwargs):
+        if isinstance(item, ChatResult):
+            result = item
+    return result
