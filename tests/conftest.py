@@ -27,7 +27,7 @@ def checkpoint_dir(tmp_path_factory):
     def get(variant: str = "k2.6") -> Path:
         if variant not in made:
             out = tmp_path_factory.mktemp(f"ckpt-{variant}")
-            made[variant] = write_checkpoint(out, "tiny", tokenizer=False, **VARIANTS[variant])
+            made[variant] = write_checkpoint(out, "tiny", tokenizer=True, **VARIANTS[variant])
         return made[variant]
     return get
 

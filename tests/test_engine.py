@@ -1,0 +1,156 @@
+"""Generation: latent-cache decode equals recompute, greedy tokens equal transformers' generate
+(batched prompts of different lengths), chunked prefill, prefix reuse, stops, streaming, abort."""
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from hf_reference import build_hf_model
+from hybrid import LLM, SamplingParams
+from hybrid.attention import Batch
+from hybrid.kv_cache import LatentCache
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+def _prompt(n, seed):
+    return torch.randint(0, 2048, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dir):
+    return LLM(tiny_dir, expert_backend="torch", progress=False, max_batch=4, max_context=512)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_dir):
+    return build_hf_model(tiny_dir)
+
+
+@pytest.mark.parametrize("n", [1, 17, 300])
+def test_cached_decode_equals_full_recompute(llm, n):
+    """Prefill n tokens into the latent cache (plain form), then 40 one-token steps in the absorbed
+    form: each step's logits equal a fresh full forward over the whole prefix (float32, tight)."""
+    model = llm.model
+    cache = LatentCache(llm.config, 1, 512, torch.float32, llm.device)
+    tokens = _prompt(n, seed=n)
+    logits = model(torch.tensor(tokens), Batch.single(n), cache)[-1]
+    worst = 0.0
+    for _ in range(40):
+        tokens.append(int(logits.argmax()))
+        pos = len(tokens) - 1
+        logits = model(torch.tensor(tokens[-1:]), Batch.single(1, start=pos), cache)[-1]   # absorbed form
+        full = model(torch.tensor(tokens), Batch.single(len(tokens)))[-1]                  # no cache, plain
+        worst = max(worst, (logits - full).abs().max().item() / full.abs().max().item())
+    assert worst < 1e-5, f"cached absorbed decode drifts from recompute by {worst:.2e} (relative)"
+
+
+def test_absorbed_equals_plain_for_a_prefill(llm):
+    cache = LatentCache(llm.config, 1, 512, torch.float32, llm.device)
+    ids = torch.tensor(_prompt(33, seed=5))
+    plain = llm.model(ids, Batch.single(33), absorb=False)
+    absorbed = llm.model(ids, Batch.single(33), cache, absorb=True)
+    assert (plain - absorbed).abs().max() < 1e-5 * plain.abs().max()
+
+
+def test_greedy_batch_equals_transformers_generate(llm, hf):
+    prompts = [_prompt(n, seed=100 + n) for n in (1, 17, 300, 5)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=40, **GREEDY))
+    gc = GenerationConfig(max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
+    for p, o in zip(prompts, outs):
+        theirs = hf.generate(torch.tensor([p]), generation_config=gc)[0, len(p):].tolist()
+        assert o.token_ids == theirs, f"prompt of {len(p)} tokens diverges"
+        assert o.finish_reason == "length" and len(o.token_ids) == 40
+
+
+def test_chunked_prefill_and_more_requests_than_slots(tiny_dir, llm):
+    small = LLM(tiny_dir, expert_backend="torch", progress=False, max_batch=2, max_context=512,
+                max_prefill_tokens=64)
+    prompts = [_prompt(n, seed=200 + n) for n in (300, 3, 70, 9, 1)]
+    sp = SamplingParams(max_tokens=12, **GREEDY)
+    expected = [llm.generate([p], sp)[0].token_ids for p in prompts]
+    assert [o.token_ids for o in small.generate(prompts, sp)] == expected
+
+
+def test_prefix_reuse_prefills_only_the_new_tokens(llm):
+    sp = SamplingParams(max_tokens=8, **GREEDY)
+    first = llm.generate([_prompt(50, seed=9)], sp)[0]
+    follow = first.prompt_token_ids + first.token_ids + _prompt(6, seed=10)
+    second = llm.generate([follow], sp)[0]
+    assert second.cached_prompt_tokens >= 50 and second.metrics["prefill_tokens"] <= len(follow) - 50
+    fresh = LLM(llm.model_dir, expert_backend="torch", progress=False, max_batch=1, max_context=512)
+    assert fresh.generate([follow], sp)[0].token_ids == second.token_ids
+
+
+def test_stops(llm):
+    base = llm.generate([_prompt(10, seed=3)], SamplingParams(max_tokens=30, **GREEDY))[0]
+    stop_tok = base.token_ids[5]
+    out = llm.generate([_prompt(10, seed=3)], SamplingParams(max_tokens=30, stop_token_ids=[stop_tok], **GREEDY))[0]
+    k = base.token_ids.index(stop_tok)
+    assert out.finish_reason == "stop" and out.token_ids == base.token_ids[:k + 1]
+    eos = llm.config.eos_token_ids[0]
+    out = llm.generate([_prompt(10, seed=3)], SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[],
+                                                             ignore_eos=False))[0]
+    assert eos not in out.token_ids[:-1]
+    text = base.text
+    needle = text[len(text) // 2: len(text) // 2 + 3]
+    if needle.strip():
+        out = llm.generate([_prompt(10, seed=3)], SamplingParams(max_tokens=30, stop=[needle], **GREEDY))[0]
+        assert out.finish_reason == "stop" and out.text == text[: text.index(needle)]
+
+
+def test_seeded_sampling_is_reproducible_and_stream_matches_generate(llm):
+    sp = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=1234, max_tokens=16, ignore_eos=True)
+    a = llm.generate([_prompt(12, seed=4)], sp)[0]
+    b = llm.generate([_prompt(12, seed=4)], sp)[0]
+    assert a.token_ids == b.token_ids
+    streamed = list(llm.stream(_prompt(12, seed=4), sp))
+    assert sum((d.token_ids for d in streamed), []) == a.token_ids
+    assert "".join(d.text for d in streamed) == a.text and streamed[-1].finish_reason == "length"
+
+
+def test_closing_a_stream_aborts_and_frees_the_slot(llm):
+    it = llm.stream(_prompt(8, seed=6), SamplingParams(max_tokens=100, **GREEDY))
+    next(it)
+    it.close()
+    assert not llm.engine.has_unfinished()
+    assert llm.engine.slots.free_count() == llm.engine.max_batch
+
+
+def test_request_joining_a_running_batch_gets_its_solo_result(llm):
+    sp = SamplingParams(max_tokens=10, **GREEDY)
+    p1, p2 = _prompt(20, seed=11), _prompt(7, seed=12)
+    solo = [llm.generate([p], sp)[0].token_ids for p in (p1, p2)]
+    eng = llm.engine
+    r1 = eng.add_request(p1, sp)
+    got = {r1: []}
+    for _ in range(3):
+        for d in eng.step():
+            got[d.request_id] += d.token_ids
+    r2 = eng.add_request(p2, sp)
+    got[r2] = []
+    while eng.has_unfinished():
+        for d in eng.step():
+            got[d.request_id] += d.token_ids
+    assert [got[r1], got[r2]] == solo
+
+
+def test_bad_requests(llm):
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]], SamplingParams())
+    with pytest.raises(ValueError, match="context holds 512"):
+        llm.generate([[1] * 600], SamplingParams())
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([[1, 99999]], SamplingParams())
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    assert not llm.engine.has_unfinished()
+
+
+def test_chat_multi_turn_reuses_the_cache(llm):
+    sp = SamplingParams(max_tokens=6, temperature=0)
+    msgs = [{"role": "user", "content": "Hello! What is 2+2?"}]
+    r1 = llm.chat(msgs, sp, thinking=False)
+    assert r1.finish_reason in ("stop", "length") and r1.usage["prompt_tokens"] > 5
+    msgs += [r1.message.to_dict(), {"role": "user", "content": "And 3+3?"}]
+    r2 = llm.chat(msgs, sp, thinking=False)
+    assert r2.usage["cached_prompt_tokens"] >= r1.usage["prompt_tokens"] - 1
