@@ -8,7 +8,10 @@
 Each wrapper runs the Triton kernel when the tensors are on CUDA, or when TRITON_INTERPRET=1 (the
 interpreter runs kernels on CPU tensors, which is how the kernels are tested on machines without a
 GPU), and the torch reference otherwise. `KERNELS[name] = {"ref": ..., "triton": ...}` names both.
-A shape the kernel cannot handle falls back to the reference. Tests: tests/test_gpu_kernels.py.
+A shape the kernel cannot handle falls back to the reference. Under the interpreter every kernel widens
+its tl.dot operands to fp32 first (constexpr DOT_F32): Triton 3.9's interpreter multiplies bf16 tiles
+wrongly, and bf16 -> fp32 is exact, so the interpreted kernel still computes the same products (with
+the same bf16 roundings of the dequantized weights and of P) in fp32. Tests: tests/test_gpu_kernels.py.
 """
 from __future__ import annotations
 
@@ -26,8 +29,14 @@ def triton_available() -> bool:
     return True
 
 
+# Triton decides at decoration time (when the kernel modules below are imported) whether a kernel is
+# compiled or interpreted, so the switch is read once, here, before they are imported.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when this process imported the kernels under TRITON_INTERPRET=1 (they run on CPU tensors)."""
+    return _INTERPRET
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

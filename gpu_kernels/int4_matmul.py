@@ -42,7 +42,7 @@ if triton is not None:
     def _int4_matmul_kernel(X, WP, WS, Y, T, N, K,
                             s_xt, s_xk, s_wpn, s_wsn, s_yt, s_yn,
                             GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+                            BLOCK_K: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -59,7 +59,10 @@ if triton is not None:
             q = ((words >> ((offs_k % 8) * 4)[None, :]) & 0xF) - 8                   # [BN, BK] int32
             s = tl.load(WS + offs_n[:, None] * s_wsn + (offs_k // GROUP)[None, :], mask=wmask, other=0.0)
             w = _round_to_bf16(q.to(tl.float32) * s.to(tl.float32))                  # = bf16(q) * bf16 s
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PREC)
+            w = w.to(x.dtype)
+            if DOT_F32:
+                x, w = x.to(tl.float32), w.to(tl.float32)
+            acc += tl.dot(x, tl.trans(w), input_precision=PREC)
         tl.store(Y + offs_m[:, None] * s_yt + offs_n[None, :] * s_yn, acc.to(Y.dtype.element_ty),
                  mask=mmask[:, None] & nmask[None, :])
 
@@ -72,13 +75,15 @@ def int4_matmul_triton(x: torch.Tensor, weight_packed: torch.Tensor, weight_scal
     assert weight_packed.shape == (N, K // 8) and weight_scale.shape == (N, K // group), \
         f"packed {tuple(weight_packed.shape)} / scale {tuple(weight_scale.shape)} do not match K={K}"
     wp, ws = weight_packed.contiguous(), weight_scale.contiguous()
+    from . import interpreting
     y = torch.empty(T, N, dtype=x.dtype, device=x.device)
     block_m = 16 if T <= 16 else 64
     block_n, block_k = 64, 64
     grid = (triton.cdiv(T, block_m), triton.cdiv(N, block_n))
     _int4_matmul_kernel[grid](x, wp, ws, y, T, N, K, x.stride(0), x.stride(1), wp.stride(0), ws.stride(0),
                               y.stride(0), y.stride(1), GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n,
-                              BLOCK_K=block_k, PREC="ieee" if x.dtype == torch.float32 else "tf32")
+                              BLOCK_K=block_k, PREC="ieee" if x.dtype == torch.float32 else "tf32",
+                              DOT_F32=interpreting())
     return y
 
 

@@ -44,7 +44,7 @@ if triton is not None:
     @triton.jit
     def _int8_matmul_kernel(X, WQ, WS, Y, T, N, K, s_xt, s_xk, s_wn, s_wk, s_yt, s_yn,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            PREC: tl.constexpr):
+                            PREC: tl.constexpr, DOT_F32: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -58,7 +58,10 @@ if triton is not None:
                         mask=mmask[:, None] & kmask[None, :], other=0.0)              # [BM, BK]
             w = tl.load(WQ + offs_n[:, None] * s_wn + offs_k[None, :] * s_wk,
                         mask=nmask[:, None] & kmask[None, :], other=0.0)              # [BN, BK] 8-bit
-            acc += tl.dot(x, tl.trans(w.to(tl.float32).to(x.dtype)), input_precision=PREC)
+            w = w.to(tl.float32).to(x.dtype)
+            if DOT_F32:
+                x, w = x.to(tl.float32), w.to(tl.float32)
+            acc += tl.dot(x, tl.trans(w), input_precision=PREC)
         scale = tl.load(WS + offs_n, mask=nmask, other=0.0)
         y = acc * scale[None, :]
         tl.store(Y + offs_m[:, None] * s_yt + offs_n[None, :] * s_yn, y.to(Y.dtype.element_ty),
@@ -71,6 +74,7 @@ def int8_matmul_triton(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: to
     T, N = x2.shape[0], weight_q.shape[0]
     assert weight_q.shape == (N, K) and weight_scale.shape == (N,), \
         f"weight {tuple(weight_q.shape)} / scale {tuple(weight_scale.shape)} do not match K={K}"
+    from . import interpreting
     y = torch.empty(T, N, dtype=x.dtype, device=x.device)
     block_m = 16 if T <= 16 else 64
     block_n, block_k = 64, 64
@@ -78,7 +82,8 @@ def int8_matmul_triton(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: to
     _int8_matmul_kernel[grid](x2, weight_q, weight_scale.float().contiguous(), y, T, N, K,
                               x2.stride(0), x2.stride(1), weight_q.stride(0), weight_q.stride(1),
                               y.stride(0), y.stride(1), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                              PREC="ieee" if x.dtype == torch.float32 else "tf32")
+                              PREC="ieee" if x.dtype == torch.float32 else "tf32",
+                              DOT_F32=interpreting())
     return y.reshape(*lead, N)
 
 

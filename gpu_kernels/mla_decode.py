@@ -46,7 +46,7 @@ if triton is not None:
                            s_ob, s_oh, s_os, s_lb, s_lh,
                            H, R, P, split_len,
                            BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-                           BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+                           BLOCK_N: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
         b = tl.program_id(0)
         hb = tl.program_id(1)
         sp = tl.program_id(2)
@@ -64,6 +64,8 @@ if triton is not None:
         kpe_row = KPE + slot * s_ps
         ql = ql.to(CKV.dtype.element_ty)
         qp = qp.to(KPE.dtype.element_ty)
+        if DOT_F32:
+            ql, qp = ql.to(tl.float32), qp.to(tl.float32)
 
         lo = sp * split_len
         hi = tl.minimum(lo + split_len, n_keys)
@@ -77,6 +79,8 @@ if triton is not None:
                          mask=nmask[:, None] & rmask[None, :], other=0.0)             # [BN, BR]
             kp = tl.load(kpe_row + offs_n[:, None] * s_pl + offs_p[None, :],
                          mask=nmask[:, None] & pmask[None, :], other=0.0)             # [BN, BP]
+            if DOT_F32:
+                kc, kp = kc.to(tl.float32), kp.to(tl.float32)
             s = tl.dot(ql, tl.trans(kc), input_precision=PREC)
             s += tl.dot(qp, tl.trans(kp), input_precision=PREC)
             s = tl.where(nmask[None, :], s * scale, float("-inf"))                   # [BH, BN]
@@ -84,7 +88,8 @@ if triton is not None:
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(kc.dtype), kc, input_precision=PREC)
+            p = p.to(CKV.dtype.element_ty).to(kc.dtype)                                # P in the cache dtype
+            acc = acc * alpha[:, None] + tl.dot(p, kc, input_precision=PREC)
             m_i = m_new
         has = l_i > 0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -116,6 +121,7 @@ def mla_decode_triton(q_lat, q_pe, ckv, kpe, slots, lengths, softmax_scale: floa
     o = torch.empty(B, H, splits, R, dtype=torch.float32, device=q_lat.device)
     lse = torch.empty(B, H, splits, dtype=torch.float32, device=q_lat.device)
     prec = "ieee" if ckv.dtype == torch.float32 else "tf32"
+    from . import interpreting
     grid = (B, triton.cdiv(H, BLOCK_H), splits)
     _mla_decode_kernel[grid](
         q_lat, q_pe, ckv, kpe, slots.to(torch.int32), lengths.to(torch.int32), o, lse, float(softmax_scale),
@@ -124,7 +130,7 @@ def mla_decode_triton(q_lat, q_pe, ckv, kpe, slots, lengths, softmax_scale: floa
         o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
         H, R, P, split_len,
         BLOCK_H=BLOCK_H, BLOCK_R=max(16, triton.next_power_of_2(R)),
-        BLOCK_P=max(16, triton.next_power_of_2(P)), BLOCK_N=BLOCK_N, PREC=prec)
+        BLOCK_P=max(16, triton.next_power_of_2(P)), BLOCK_N=BLOCK_N, PREC=prec, DOT_F32=interpreting())
     if splits == 1:
         return o[:, :, 0].to(q_lat.dtype)
     # combine the splits: weights exp(lse_s - max lse); an empty split has lse = -inf and weight 0

@@ -1,0 +1,180 @@
+"""Triton kernels (gpu_kernels/) against their torch references, on the CPU via TRITON_INTERPRET=1.
+
+Triton reads TRITON_INTERPRET when a kernel is decorated, so the interpreter cases run in one child
+process (`python tests/test_gpu_kernels.py` with the variable set) that prints a JSON verdict per
+case; this pytest module never imports triton under the interpreter itself, so other test modules
+are unaffected. Shapes are tiny and odd (T = 1, 3, 20; N not a multiple of the 64-wide block; cache
+lengths 0, 1, 17, 40, 300; 20 heads = one full and one partial block of 16). In-process tests check
+the MLA reference against hybrid/attention.py's absorbed form and the CPU dispatch.
+Run: pytest tests/test_gpu_kernels.py (about 10 s).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TOL_FP32 = dict(atol=1e-4, rtol=1e-4)      # fp32 in, fp32 accumulate: only summation order differs
+TOL_BF16 = dict(atol=2e-2, rtol=2e-2)      # bf16 inputs / outputs (one bf16 rounding of the result)
+
+
+# ---- cases run under the interpreter (child process) ----------------------------------------------
+def _mla_inputs(B, H, R, P, S, Lmax, slots, lengths, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    return (t(B, H, R), t(B, H, P), t(S, Lmax, R), t(S, Lmax, P),
+            torch.tensor(slots), torch.tensor(lengths))
+
+
+def _check_mla(B, H, R, P, S, Lmax, slots, lengths, dtype=torch.float32, seed=0):
+    from gpu_kernels import mla_decode, mla_decode_ref, use_triton
+    ql, qp, ckv, kpe, sl, ln = _mla_inputs(B, H, R, P, S, Lmax, slots, lengths, dtype, seed)
+    assert use_triton(ql, ckv), "the wrapper should pick Triton under TRITON_INTERPRET=1"
+    got = mla_decode(ql, qp, ckv, kpe, sl, ln, 0.3)
+    want = mla_decode_ref(ql, qp, ckv, kpe, sl, ln, 0.3)
+    torch.testing.assert_close(got.float(), want.float(), **(TOL_FP32 if dtype == torch.float32 else TOL_BF16))
+
+
+def _int4_inputs(T, N, K, dtype, seed):
+    from hybrid.quant import quantize_int4
+    g = torch.Generator().manual_seed(seed)
+    _, packed, scale = quantize_int4(torch.randn(N, K, generator=g) / K ** 0.5)
+    return torch.randn(T, K, generator=g).to(dtype), packed, scale
+
+
+def _check_int4(T, N, K, dtype=torch.float32, seed=0):
+    from gpu_kernels import int4_matmul, int4_matmul_ref
+    x, packed, scale = _int4_inputs(T, N, K, dtype, seed)
+    got = int4_matmul(x, packed, scale)
+    assert got.shape == (T, N) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), int4_matmul_ref(x, packed, scale).float(),
+                               **(TOL_FP32 if dtype == torch.float32 else TOL_BF16))
+
+
+def _check_int8(shape, N, fmt="int8", dtype=torch.float32, seed=0):
+    from gpu_kernels import int8_matmul, int8_matmul_ref, quantize_weight_8bit
+    g = torch.Generator().manual_seed(seed)
+    K = shape[-1]
+    q, s = quantize_weight_8bit(torch.randn(N, K, generator=g), fmt)
+    x = torch.randn(*shape, generator=g).to(dtype)
+    got = int8_matmul(x, q, s)
+    assert got.shape == (*shape[:-1], N)
+    torch.testing.assert_close(got.float(), int8_matmul_ref(x, q, s).float(),
+                               **(TOL_FP32 if dtype == torch.float32 else TOL_BF16))
+
+
+CASES = {
+    "mla_lengths_1_17_40": lambda: _check_mla(3, 4, 32, 8, 4, 40, [2, 0, 3], [1, 17, 40]),
+    "mla_empty_and_short": lambda: _check_mla(2, 4, 32, 8, 2, 8, [1, 0], [0, 5]),
+    "mla_20_heads_split_300": lambda: _check_mla(1, 20, 24, 8, 2, 300, [1], [300], seed=1),
+    "mla_batch_splits": lambda: _check_mla(2, 4, 16, 8, 3, 300, [2, 0], [300, 129], seed=2),
+    "mla_bf16": lambda: _check_mla(2, 4, 32, 8, 2, 40, [1, 0], [40, 17], dtype=torch.bfloat16, seed=3),
+    "int4_T1": lambda: _check_int4(1, 70, 96),
+    "int4_T3": lambda: _check_int4(3, 70, 96, seed=1),
+    "int4_T20_N130": lambda: _check_int4(20, 130, 64, seed=2),
+    "int4_bf16": lambda: _check_int4(3, 70, 128, dtype=torch.bfloat16, seed=3),
+    "int8_T1": lambda: _check_int8((1, 96), 70),
+    "int8_T3_K50": lambda: _check_int8((3, 50), 70, seed=1),
+    "int8_3d_T20": lambda: _check_int8((2, 10, 96), 130, seed=2),
+    "int8_bf16": lambda: _check_int8((3, 96), 70, dtype=torch.bfloat16, seed=3),
+    "fp8_T3": lambda: _check_int8((3, 96), 70, fmt="fp8", seed=4),
+}
+
+
+def _run_cases() -> dict:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    verdict = {}
+    for name, case in CASES.items():
+        try:
+            case()
+            verdict[name] = "ok"
+        except Exception as e:  # reported per case to the parent
+            verdict[name] = f"{type(e).__name__}: {e}"
+    return verdict
+
+
+@pytest.fixture(scope="module")
+def interpreter_verdicts():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pytest.skip("triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and lines, f"interpreter run failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_under_interpreter(interpreter_verdicts, case):
+    assert interpreter_verdicts[case] == "ok", interpreter_verdicts[case]
+
+
+# ---- in-process: references and dispatch (torch only) ---------------------------------------------
+def test_mla_reference_matches_model_absorbed_form(tiny_dir):
+    """mla_decode_ref + W_UV equals MLAttention._absorbed (hybrid/attention.py) for decode steps."""
+    from gpu_kernels import mla_decode_ref
+    from hybrid.attention import MLAttention
+    from hybrid.config import load_config
+    config = load_config(tiny_dir)
+    torch.manual_seed(0)
+    att = MLAttention(config, 0)
+    H, nope, R, P, V = att.h, att.nope, att.r, att.rope_dim, att.vd
+    lengths, slots = [1, 17, 40], [2, 0, 1]
+    ckv, kpe = torch.randn(3, 40, R), torch.randn(3, 40, P)
+    q_nope, q_pe = torch.randn(3, H, nope), torch.randn(3, H, P)
+    w = att.kv_b_proj.weight.detach().view(H, nope + V, R)
+    w_uk, w_uv = w[:, :nope], w[:, nope:]
+    q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)
+    o_lat = mla_decode_ref(q_lat, q_pe, ckv, kpe, torch.tensor(slots), torch.tensor(lengths), att.scale)
+    got = torch.einsum("bhr,hvr->bhv", o_lat, w_uv)
+    with torch.no_grad():
+        want = torch.cat([att._absorbed(q_nope[b:b + 1], q_pe[b:b + 1], ckv[s, :n], kpe[s, :n], n - 1)
+                          for b, (s, n) in enumerate(zip(slots, lengths))])
+    torch.testing.assert_close(got, want, **TOL_FP32)
+
+
+def test_wrappers_use_reference_on_cpu():
+    import gpu_kernels
+    from gpu_kernels import int4_matmul, int4_matmul_ref, int8_matmul, int8_matmul_ref, quantize_weight_8bit
+    if gpu_kernels.interpreting():
+        pytest.skip("this process runs under TRITON_INTERPRET=1")
+    x, packed, scale = _int4_inputs(3, 70, 96, torch.float32, 0)
+    assert not gpu_kernels.use_triton(x, packed, scale)
+    assert torch.equal(int4_matmul(x, packed, scale), int4_matmul_ref(x, packed, scale))
+    q, s = quantize_weight_8bit(torch.randn(70, 96))
+    assert torch.equal(int8_matmul(x, q, s), int8_matmul_ref(x, q, s))
+
+
+def test_int4_reference_is_dense_dequantized_matmul():
+    from gpu_kernels import int4_matmul_ref
+    from hybrid.quant import dequantize_int4
+    x, packed, scale = _int4_inputs(3, 70, 96, torch.float32, 0)
+    torch.testing.assert_close(int4_matmul_ref(x, packed, scale), x @ dequantize_int4(packed, scale, 96).float().T)
+
+
+@pytest.mark.parametrize("fmt,bound", [("int8", 0.01), ("fp8", 0.05)])
+def test_8bit_weight_quantization_error(fmt, bound):
+    """Per-channel absmax 8-bit: relative Frobenius error of the weight stays below `bound`."""
+    from gpu_kernels import quantize_weight_8bit
+    w = torch.randn(130, 96)
+    q, s = quantize_weight_8bit(w, fmt)
+    err = (q.float() * s[:, None] - w).norm() / w.norm()
+    assert err < bound, f"{fmt}: relative weight error {err:.4f}"
+    with pytest.raises(ValueError, match="int8"):
+        quantize_weight_8bit(w, "int4")
+
+
+if __name__ == "__main__":
+    print(json.dumps(_run_cases()))
