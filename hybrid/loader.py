@@ -13,6 +13,7 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .model import KimiForCausalLM
 from .moe import Router, TorchExperts
+from .scheduler import ExpertScheduler, OverlapStats
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -48,6 +49,7 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, exper
             m.float()                       # router weight and bias stay fp32, as in the reference
     model.to_empty(device=device)
     model.rope = Rope(config)               # its tables were created on the meta device
+    model.overlap_stats = OverlapStats()    # per-layer CPU/accelerator timings, off until enabled
 
     params = dict(model.named_parameters())
     by_layer: dict[int, list[str]] = {}
@@ -72,7 +74,8 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, exper
             bias = f"model.layers.{i}.mlp.gate.e_score_correction_bias"
             moe.gate.e_score_correction_bias.copy_(
                 ckpt.tensor(bias, shape=(config.n_routed_experts,), dtypes=FLOAT_DTYPES).float())
-            moe.experts = load_experts(ckpt, i, expert_backend, num_threads)
+            moe.experts = ExpertScheduler(load_experts(ckpt, i, expert_backend, num_threads), i, device,
+                                          model.overlap_stats)
     return model.eval()
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .quant import pack_int4, quantize_fp8_block
+from .quant import quantize_fp8_block
 
 QUANT_CONFIG = {
     "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
@@ -118,11 +118,12 @@ class _Weights:
         return (1.0 + 0.1 * torch.randn(n, generator=self.g)).to(torch.bfloat16)
 
     def int4(self, out_f: int, in_f: int, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random nibbles (std of q ~4.6) and per-group bf16 scales giving std ~1/sqrt(in_f)."""
-        q = torch.randint(-8, 8, (out_f, in_f), generator=self.g, dtype=torch.int8)
+        """Uniformly random nibbles (random int32 words; std of q ~4.6) and per-group bf16 scales
+        giving weights of std ~1/sqrt(in_f)."""
+        words = torch.randint(-2**31, 2**31, (out_f, in_f // 8), generator=self.g, dtype=torch.int64)
         spread = 0.5 + torch.rand(out_f, in_f // group, generator=self.g)
         scale = (spread / (4.6 * in_f ** 0.5)).to(torch.bfloat16)
-        return pack_int4(q), scale
+        return words.to(torch.int32), scale
 
 
 def _linear(tensors: dict, name: str, w: torch.Tensor, fp8: bool) -> None:

@@ -1,0 +1,45 @@
+"""Write a synthetic checkpoint in the real Kimi-K2.6 layout (see hybrid/synthetic.py).
+
+  python tools/make_checkpoint.py OUT_DIR [--preset tiny|k2-slice] [--layout k2.6|k2-thinking|deepseek-v3]
+         [--seed N] [--experts N] [--layers N] [--vocab N] [--set key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hybrid.synthetic import LAYOUTS, PRESETS, write_checkpoint  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out_dir")
+    ap.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    ap.add_argument("--layout", default="k2.6", choices=list(LAYOUTS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--experts", type=int, help="routed experts per MoE layer (n_routed_experts)")
+    ap.add_argument("--layers", type=int, help="num_hidden_layers")
+    ap.add_argument("--vocab", type=int, help="vocab_size (ordinary tokens + 256 special)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help=f"override any size: {', '.join(PRESETS['tiny'])}")
+    args = ap.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = float(value) if "." in value else int(value)
+    for key, value in (("n_routed_experts", args.experts), ("num_hidden_layers", args.layers),
+                       ("vocab_size", args.vocab)):
+        if value is not None:
+            overrides[key] = value
+    t0 = time.perf_counter()
+    out = write_checkpoint(args.out_dir, args.preset, args.layout, seed=args.seed, progress=True, **overrides)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {out} ({size / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
