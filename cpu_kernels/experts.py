@@ -25,7 +25,6 @@ from .reference import dequantize_ref, moe_int4_ref
 _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpu-experts")
 
 ACT_FORMATS = ("int8",)
-DOWN_ROWS_PER_ITEM = 32
 
 
 def _as_np(a, dtype):
@@ -95,34 +94,28 @@ class CPUExperts(_SubmitWait):
         self._init_common(num_experts, hidden_size, intermediate_size, num_threads)
         self.act_format = act_format
         E, D, I = num_experts, hidden_size, intermediate_size
-        GD, GI = D // layout.GROUP, I // layout.GROUP
         # np.empty: pages are only touched when an expert is loaded
-        self.wg = np.empty((E, I, 16 * GD), np.uint8)
-        self.sg = np.empty((E, I, GD), np.uint16)
-        self.wu = np.empty((E, I, 16 * GD), np.uint8)
-        self.su = np.empty((E, I, GD), np.uint16)
-        self.wd = np.empty((E, D, 16 * GI), np.uint8)
-        self.sd = np.empty((E, D, GI), np.uint16)
+        self.wg = np.empty((E, *layout.layout_shape(I, D)), np.uint8)  # [E, I/8, D/32, 144]
+        self.wu = np.empty((E, *layout.layout_shape(I, D)), np.uint8)
+        self.wd = np.empty((E, *layout.layout_shape(D, I)), np.uint8)  # [E, D/8, I/32, 144]
         per_expert = 3 * D * I // 2 + 3 * D * I // layout.GROUP * 2  # on-disk int4 + bf16 scales
         assert self.nbytes == E * per_expert, (self.nbytes, E * per_expert)
-        self.use_simd = True  # the IR path (generic vectors where AVX2 is missing)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.wg, self.sg, self.wu, self.su, self.wd, self.sd))
+        return self.wg.nbytes + self.wu.nbytes + self.wd.nbytes
 
     def load_expert(self, e, gate_packed, gate_scale, up_packed, up_scale, down_packed, down_scale):
         """One expert's compressed-tensors tensors as on disk -> kernel layout (only copy kept)."""
         assert 0 <= e < self.E, f"expert {e} out of range [0, {self.E})"
-        layout.repack(gate_packed, gate_scale, self.wg[e], self.sg[e])
-        layout.repack(up_packed, up_scale, self.wu[e], self.su[e])
-        layout.repack(down_packed, down_scale, self.wd[e], self.sd[e])
+        layout.repack(gate_packed, gate_scale, self.wg[e])
+        layout.repack(up_packed, up_scale, self.wu[e])
+        layout.repack(down_packed, down_scale, self.wd[e])
         self._loaded[e] = True
 
     def dequantized(self, e):
         """(w_gate [I, D], w_up [I, D], w_down [D, I]) fp32: exactly the weights the kernel uses."""
-        return tuple(torch.from_numpy(layout.dequantize_layout(w[e], s[e]))
-                     for w, s in ((self.wg, self.sg), (self.wu, self.su), (self.wd, self.sd)))
+        return tuple(torch.from_numpy(layout.dequantize_layout(w[e])) for w in (self.wg, self.wu, self.wd))
 
     def _run(self, x, ids, wts):
         numba.set_num_threads(self.num_threads)
@@ -151,10 +144,8 @@ class CPUExperts(_SubmitWait):
         S = T * K
         hq = np.empty((S, self.I), np.int8)
         hasc = np.empty((S, 2 * self.I // 32), np.float32)
-        gate_up(self.wg, self.sg, self.wu, self.su, xq, xasc, slot_tok, estart, item_e, item_r0,
-                hq, hasc, self.use_simd)
-        down(self.wd, self.sd, hq, hasc, slot_tok, slot_w, act_e, estart, y, DOWN_ROWS_PER_ITEM,
-             self.use_simd)
+        gate_up(self.wg, self.wu, xq, xasc, slot_tok, estart, item_e, item_r0, hq, hasc)
+        down(self.wd, hq, hasc, slot_tok, slot_w, act_e, estart, y)
         return y
 
 

@@ -4,21 +4,21 @@ On disk (compressed-tensors "pack-quantized", KIMI_K2_SPEC.md §2.3), a Linear w
 K inputs is ``packed`` int32 [N, K/8] (column 8j+i in bits 4i..4i+3 of word j, u in [0, 15],
 q = u - 8) plus ``scale`` bf16 [N, K/32] (one per row and group of 32 inputs).
 
-Kernel layout (what ``moe_int4.py`` streams), per matrix, G = K/32 groups per row:
+Kernel layout (what ``moe_int4.py`` streams): tiles of 8 output rows ("vertical SIMD": the 8
+lanes of an fp32/int32 AVX2 register are 8 rows), G = K/32 groups, one 144-byte block per
+(tile, group), blocks in (tile, group) order so a tile is one sequential stream:
 
-    w  uint8  [N, 16*G]   row r holds its G groups as 16-byte halves of 32-byte *pairs*:
-                          for pair p (groups 2p and 2p+1), byte 32p+b (b = 0..31) is
-                              u[r, 64p + b]  |  u[r, 64p + 32 + b] << 4
-                          so one 32-byte load, masked with 0x0F, gives the 32 unsigned weights of
-                          group 2p in column order, and shifted right by 4 those of group 2p+1;
-                          both line up with 32 consecutive int8 activations (vpmaddubsw).
-                          If G is odd the last group is alone in 16 bytes at offset 32*(G//2):
-                          byte b (0..15) = u[r, 32g + b] | u[r, 32g + 16 + b] << 4.
-    s  uint16 [N, G]      the bf16 scales, bit for bit (bf16 -> fp32 is a 16-bit shift).
+    w uint8 [N/8, G, 144]
+      bytes   0..127: 4 vectors of 32 bytes; in vector j (0..3), byte 4*r + kk (row r of the tile,
+                      kk = 0..3) holds  u[r, 32g + 4j + kk]  |  u[r, 32g + 16 + 4j + kk] << 4
+                      so (v & 0x0F) and (v >> 4) each give 8 rows x 4 consecutive inputs, to be
+                      multiplied (vpmaddubsw) by those 4 int8 activations broadcast 8 times;
+      bytes 128..143: the tile's 8 bf16 scales of group g, row order (bit for bit from disk).
 
-Bytes: 16*G + 2*G per row = exactly the on-disk bytes (packed + scale), for any K that is a
-multiple of 32, so the 1.05x memory bound holds with room to spare. Weights stay unsigned
-(u = q + 8); the kernels subtract 8 * sum(activations) per group instead.
+Bytes: 144 per 8 rows x 32 inputs = 128 nibble bytes + 16 scale bytes: exactly the on-disk
+bytes (packed + scale) for every shape whose N is a multiple of 8 and K of 32 (K2.6: all), so
+the 1.05x memory bound holds with room to spare. Weights stay unsigned (u = q + 8); the kernels
+subtract 8 * sum(activations) per group instead.
 
 Dequantization used everywhere in this package: W[r, c] = float32(u - 8) * float32(scale), which
 is exact in fp32 (4-bit times 8-bit mantissa). compressed-tensors rounds that product to bf16;
@@ -29,10 +29,9 @@ Checked by tests/test_cpu_kernels.py (round trip against an independent unpack, 
 import numpy as np
 import torch
 
-GROUP = 32           # inputs per scale group (compressed-tensors group_size)
-BYTES_PER_GROUP = 16  # 32 nibbles
-# A group of the layout is 16 weight bytes + one 2-byte scale: same as on disk.
-LAYOUT_BYTES_PER_GROUP = BYTES_PER_GROUP + 2
+GROUP = 32          # inputs per scale group (compressed-tensors group_size)
+TILE = 8            # output rows per tile (one AVX2 register of fp32 / int32 lanes)
+BLOCK_BYTES = 144   # per (tile, group): 8 rows x 32 nibbles = 128 bytes + 8 bf16 scales
 
 
 def to_numpy_int32(packed):
@@ -76,52 +75,48 @@ def pack_compressed(u: np.ndarray) -> np.ndarray:
     return np.bitwise_or.reduce(words, axis=2).view(np.int32)
 
 
-def repack(packed, scale, out_w=None, out_s=None):
-    """compressed-tensors (packed int32 [N, K/8], scale bf16 [N, K/32]) -> kernel layout (w, s).
+def layout_shape(n: int, k: int) -> tuple[int, int, int]:
+    assert n % TILE == 0, f"N={n} is not a multiple of the row tile {TILE}"
+    assert k % GROUP == 0, f"K={k} is not a multiple of the group size {GROUP}"
+    return (n // TILE, k // GROUP, BLOCK_BYTES)
 
-    Writes into out_w uint8 [N, 16*G] / out_s uint16 [N, G] when given (preallocated buffers)."""
+
+def repack(packed, scale, out=None) -> np.ndarray:
+    """compressed-tensors (packed int32 [N, K/8], scale bf16 [N, K/32]) -> kernel layout w.
+
+    Writes into ``out`` uint8 [N/8, K/32, 144] when given (a preallocated buffer)."""
     u = unpack_compressed(packed)
     n, k = u.shape
+    shape = layout_shape(n, k)
+    t8, g = shape[0], shape[1]
     s = bf16_bits(scale)
-    assert k % GROUP == 0, f"K={k} is not a multiple of the group size {GROUP}"
-    g = k // GROUP
-    assert s.shape == (n, g), f"scale shape {s.shape} does not match packed {(n, k // 8)}"
-    if out_w is None:
-        out_w = np.empty((n, BYTES_PER_GROUP * g), np.uint8)
-    if out_s is None:
-        out_s = np.empty((n, g), np.uint16)
-    assert out_w.shape == (n, BYTES_PER_GROUP * g) and out_w.dtype == np.uint8, out_w.shape
-    assert out_s.shape == (n, g) and out_s.dtype == np.uint16, out_s.shape
-    npair = g // 2
-    pairs = u[:, :64 * npair].reshape(n, npair, 2, 32)
-    out_w[:, :32 * npair] = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(n, 32 * npair)
-    if g % 2:
-        last = u[:, 64 * npair:].reshape(n, 2, 16)
-        out_w[:, 32 * npair:] = last[:, 0] | (last[:, 1] << 4)
-    out_s[:] = s
-    return out_w, out_s
+    assert s.shape == (n, g), f"scale shape {tuple(s.shape)} does not match packed {(n, k // 8)}"
+    if out is None:
+        out = np.empty(shape, np.uint8)
+    assert out.shape == shape and out.dtype == np.uint8, (out.shape, shape)
+    # column c = 32g + 16*half + 4j + kk ; row = 8*tile + r
+    uu = u.reshape(t8, TILE, g, 2, 4, 4).transpose(0, 2, 3, 4, 1, 5)  # [tile, g, half, j, r, kk]
+    out[:, :, :128] = (uu[:, :, 0] | (uu[:, :, 1] << 4)).reshape(t8, g, 128)
+    out[:, :, 128:] = s.reshape(t8, TILE, g).transpose(0, 2, 1).copy().view(np.uint8).reshape(t8, g, 16)
+    return out
 
 
-def unpack_layout(w: np.ndarray) -> np.ndarray:
-    """Kernel layout w uint8 [N, 16*G] -> unsigned nibbles u uint8 [N, 32*G] in column order."""
-    n, nb = w.shape
-    g = nb // BYTES_PER_GROUP
-    npair = g // 2
-    u = np.empty((n, 32 * g), np.uint8)
-    pw = w[:, :32 * npair].reshape(n, npair, 1, 32)
-    u[:, :64 * npair] = np.concatenate([pw & 0xF, pw >> 4], axis=2).reshape(n, 64 * npair)
-    if g % 2:
-        lw = w[:, 32 * npair:].reshape(n, 1, 16)
-        u[:, 64 * npair:] = np.concatenate([lw & 0xF, lw >> 4], axis=1).reshape(n, 32)
-    return u
+def unpack_layout(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel layout w [N/8, G, 144] -> (nibbles u uint8 [N, 32G] in column order, bf16 bits [N, G])."""
+    t8, g, _ = w.shape
+    b = w[:, :, :128].reshape(t8, g, 1, 4, TILE, 4)  # [tile, g, -, j, r, kk]
+    uu = np.concatenate([b & 0xF, b >> 4], axis=2)   # [tile, g, half, j, r, kk]
+    u = uu.transpose(0, 4, 1, 2, 3, 5).reshape(t8 * TILE, g * GROUP)
+    s = w[:, :, 128:].copy().view(np.uint16).reshape(t8, g, TILE).transpose(0, 2, 1).reshape(t8 * TILE, g)
+    return u, s
 
 
-def dequantize_layout(w: np.ndarray, s: np.ndarray) -> np.ndarray:
+def dequantize_layout(w: np.ndarray) -> np.ndarray:
     """Kernel layout -> float32 [N, K] = float32(u - 8) * float32(scale), exactly the kernel's weights."""
-    q = unpack_layout(w).astype(np.float32) - 8.0
-    sf = bf16_bits_to_f32(s)
+    u, s = unpack_layout(w)
+    q = u.astype(np.float32) - 8.0
     n, k = q.shape
-    return (q.reshape(n, k // GROUP, GROUP) * sf[:, :, None]).reshape(n, k)
+    return (q.reshape(n, k // GROUP, GROUP) * bf16_bits_to_f32(s)[:, :, None]).reshape(n, k)
 
 
 def quantize_rtn(w) -> tuple[np.ndarray, torch.Tensor]:

@@ -70,15 +70,21 @@ def test_repack_round_trip(k):
     rng = np.random.default_rng(k)
     n = 8
     packed, scale = rand_linear(rng, n, k)
-    w, s = layout.repack(packed, scale)
-    assert w.nbytes + s.nbytes == packed.numel() * 4 + scale.numel() * 2  # exactly the disk bytes
-    ours = layout.dequantize_layout(w, s)
+    w = layout.repack(packed, scale)
+    assert w.nbytes == packed.numel() * 4 + scale.numel() * 2  # exactly the disk bytes
+    ours = layout.dequantize_layout(w)
     indep = spec_unpack(packed, scale)
     np.testing.assert_array_equal(ours, indep)
     # compressed-tensors rounds q*scale to bf16: we differ by at most half a bf16 ulp
     ct = torch.from_numpy(indep).to(torch.bfloat16).float().numpy()
     assert np.all(np.abs(ours - ct) <= np.abs(ct) * 2.0 ** -8)
-    np.testing.assert_array_equal(layout.pack_compressed(layout.unpack_layout(w)), packed.numpy())
+    u, s = layout.unpack_layout(w)
+    np.testing.assert_array_equal(layout.pack_compressed(u), packed.numpy())
+    np.testing.assert_array_equal(s, layout.bf16_bits(scale))
+    # one byte by the layout's definition: tile 0, group g, vector j, row r, input kk
+    g, j, r, kk = k // 32 - 1, 2, 5, 3
+    uu = layout.unpack_compressed(packed)
+    assert w[0, g, 32 * j + 4 * r + kk] == uu[r, 32 * g + 4 * j + kk] | (uu[r, 32 * g + 16 + 4 * j + kk] << 4)
 
 
 @pytest.mark.parametrize("name", list(EXPERT_BACKENDS))
