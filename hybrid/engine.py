@@ -23,7 +23,7 @@ from .checkpoint import Checkpoint
 from .config import load_config
 from .kv_cache import LatentCache, SlotPool
 from .loader import load_model
-from .placement import default_dtype, resolve_device
+from .placement import default_dtype, format_placement, placement_summary, resolve_device
 from .sampling import SamplerState, SamplingParams, sample
 
 
@@ -239,6 +239,12 @@ class LLM:
         self.model = load_model(self.checkpoint, self.device, self.dtype, expert_backend, num_threads, progress)
         self.engine = Engine(self.model, self.config, self.tokenizer, self.device, self.dtype, max_batch,
                              max_context, max_prefill_tokens)
+        if progress:
+            print(format_placement(self.placement()))
+
+    def placement(self) -> dict:
+        """What lives where, in bytes (see hybrid/placement.py)."""
+        return placement_summary(self.model, self.engine.cache)
 
     # ---- scoring ----------------------------------------------------------------------
     def _check_ids(self, token_ids, what: str = "token_ids") -> torch.Tensor:

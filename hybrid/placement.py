@@ -17,3 +17,48 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on a GPU (as the checkpoint); float32 on the CPU, where bf16 matmuls are slow."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _category(name: str) -> str:
+    if name.startswith("model.embed_tokens"):
+        return "embeddings"
+    if name.startswith("lm_head"):
+        return "lm_head"
+    if ".self_attn." in name:
+        return "attention (MLA)"
+    if ".mlp.shared_experts." in name:
+        return "shared experts"
+    if ".mlp.gate." in name:
+        return "routers"
+    if ".mlp." in name:
+        return "dense MLP"
+    return "norms"
+
+
+def placement_summary(model, cache=None) -> dict:
+    """Bytes of what lives where: accelerator-side weights by kind, the KV cache, the CPU experts."""
+    accel: dict[str, int] = {}
+    device = None
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        device = device or p.device
+        accel[_category(name)] = accel.get(_category(name), 0) + p.numel() * p.element_size()
+    experts, backend = 0, None
+    for layer in model.model.layers:
+        ex = getattr(layer.mlp, "experts", None)
+        if ex is not None:
+            experts += int(getattr(ex, "nbytes", 0))
+            backend = type(getattr(ex, "backend", ex)).__name__
+    return {"device": str(device), "accelerator": accel, "kv_cache": cache.nbytes if cache is not None else 0,
+            "cpu_experts": experts, "expert_backend": backend}
+
+
+def format_placement(summary: dict) -> str:
+    def gb(n: int) -> str:
+        return f"{n / 2**30:8.2f} GiB" if n >= 2**30 else f"{n / 2**20:8.2f} MiB"
+    lines = [f"accelerator side on {summary['device']}:"]
+    for kind, n in sorted(summary["accelerator"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {kind:<18}{gb(n)}")
+    lines.append(f"  {'latent KV cache':<18}{gb(summary['kv_cache'])}")
+    lines.append(f"routed experts on the CPU ({summary['expert_backend']}):")
+    lines.append(f"  {'routed experts':<18}{gb(summary['cpu_experts'])}")
+    return "\n".join(lines)

@@ -154,3 +154,17 @@ def test_chat_multi_turn_reuses_the_cache(llm):
     msgs += [r1.message.to_dict(), {"role": "user", "content": "And 3+3?"}]
     r2 = llm.chat(msgs, sp, thinking=False)
     assert r2.usage["cached_prompt_tokens"] >= r1.usage["prompt_tokens"] - 1
+
+
+def test_placement_auto_is_cpu_here_and_experts_stay_on_the_cpu(llm):
+    from hybrid.placement import format_placement, resolve_device
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    summary = llm.placement()
+    assert summary["device"] == str(llm.device)
+    weights = sum(p.numel() * p.element_size() for p in llm.model.parameters())
+    assert sum(summary["accelerator"].values()) >= weights
+    assert summary["kv_cache"] == llm.engine.cache.nbytes > 0 and summary["cpu_experts"] > 0
+    assert "routed experts on the CPU" in format_placement(summary)

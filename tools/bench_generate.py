@@ -1,0 +1,155 @@
+"""End-to-end generation benchmark on a synthetic checkpoint (default: the k2-slice preset, real K2.6
+layer shapes), measured against this machine's own read bandwidth in the same run.
+
+    python tools/bench_generate.py [MODEL_DIR] [--batches 1,4,16] [--prompt-len 64] [--steps 8]
+                                   [--expert-backend auto] [--json]
+
+MODEL_DIR defaults to /tmp/hybrid-k2slice (written by tools/make_checkpoint.py --preset k2-slice
+if missing). For each batch size B it reports:
+  prefill tok/s       B prompts of --prompt-len tokens in one batched prefill;
+  decode tok/s        B tokens per step, over --steps steps;
+  bound tok/s         B / (bytes that one decode step must read / measured read bandwidth), where
+                      the bytes are every accelerator-side weight as held (on a CPU-only machine
+                      they are read from RAM too) plus the INT4 routed experts the step touches;
+  of bound            decode tok/s / bound tok/s;
+  overhead            share of the step time outside the model's forward (engine bookkeeping,
+                      sampling, detokenisation);
+  overlap             MoE layer time / max(CPU expert time, accelerator time), per MoE layer, summed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hybrid import LLM, SamplingParams  # noqa: E402
+from tools.bench_experts import read_bandwidth  # noqa: E402
+
+DEFAULT_DIR = "/tmp/hybrid-k2slice"
+
+
+def accelerator_bytes(llm) -> int:
+    """Bytes of every weight the accelerator side reads per decode step (all but the embedding table)."""
+    total = 0
+    for name, p in llm.model.named_parameters():
+        if name != "model.embed_tokens.weight":
+            total += p.numel() * p.element_size()
+    return total
+
+
+def expert_bytes_touched(llm, moe_ids: list[torch.Tensor]) -> int:
+    """INT4 bytes (packed + bf16 scales) of the distinct experts each MoE layer used in one step."""
+    c = llm.config
+    per_expert = 3 * c.hidden_size * c.moe_intermediate_size * (0.5 + 2 / 32)
+    return int(sum(len(ids.unique()) for ids in moe_ids) * per_expert)
+
+
+class ForwardTimer:
+    """Wraps the model's forward: total time inside it, and the routed expert ids of the last call."""
+
+    def __init__(self, llm):
+        self.llm, self.inside, self.last_ids = llm, 0.0, []
+        self.forward = llm.model.forward
+        llm.model.forward = self
+        for layer in llm.model.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                gate = layer.mlp.gate
+                orig = gate.forward
+
+                def hook(x, _orig=orig):
+                    ids, w = _orig(x)
+                    self.last_ids.append(ids)
+                    return ids, w
+                gate.forward = hook
+
+    def __call__(self, *args, **kwargs):
+        self.last_ids = []
+        t0 = time.perf_counter()
+        out = self.forward(*args, **kwargs)
+        self.inside += time.perf_counter() - t0
+        return out
+
+
+def run_batch(llm, timer, B: int, prompt_len: int, steps: int) -> dict:
+    eng = llm.engine
+    g = torch.Generator().manual_seed(B)
+    vocab = llm.config.vocab_size - 256
+    sp = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
+    for _ in range(B):
+        eng.add_request(torch.randint(0, vocab, (prompt_len,), generator=g).tolist(), sp)
+    t0 = time.perf_counter()
+    eng.step()                                  # one batched prefill of B x prompt_len tokens
+    prefill_s = time.perf_counter() - t0
+    stats = llm.model.overlap_stats
+    stats.reset()
+    stats.enabled = True
+    timer.inside = 0.0
+    step_times, touched = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        eng.step()
+        step_times.append(time.perf_counter() - t0)
+        touched.append(expert_bytes_touched(llm, timer.last_ids))
+    stats.enabled = False
+    while eng.has_unfinished():
+        eng.step()
+    decode_s = sum(step_times)
+    ov = stats.summary()
+    return {"batch": B, "prefill_tok_s": B * prompt_len / prefill_s, "decode_tok_s": B * steps / decode_s,
+            "step_ms": 1e3 * decode_s / steps, "expert_bytes_per_step": sum(touched) / steps,
+            "overhead_frac": 1 - timer.inside / decode_s, "overlap_ratio": ov["overlap_ratio"],
+            "cpu_experts_ms_per_step": 1e3 * ov["cpu_experts_s"] / steps,
+            "accel_ms_per_step": 1e3 * ov["accel_s"] / steps, "wait_ms_per_step": 1e3 * ov["wait_s"] / steps}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir", nargs="?", default=DEFAULT_DIR)
+    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--expert-backend", default="auto")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    if not os.path.exists(os.path.join(args.model_dir, "config.json")):
+        from hybrid.synthetic import write_checkpoint
+        print(f"writing the k2-slice checkpoint to {args.model_dir} ...", file=sys.stderr)
+        write_checkpoint(args.model_dir, "k2-slice", progress=True)
+    threads = os.cpu_count()
+    bw = read_bandwidth(threads)
+    llm = LLM(args.model_dir, expert_backend=args.expert_backend, max_batch=max(batches),
+              max_context=args.prompt_len + args.steps + 8, progress=not args.json)
+    timer = ForwardTimer(llm)
+    acc_bytes = accelerator_bytes(llm)
+    rows = []
+    for B in batches:
+        r = run_batch(llm, timer, B, args.prompt_len, args.steps)
+        step_bytes = acc_bytes + r["expert_bytes_per_step"]
+        r["bound_tok_s"] = B / (step_bytes / (bw * 1e9))
+        r["of_bound"] = r["decode_tok_s"] / r["bound_tok_s"]
+        rows.append(r)
+    result = {"model_dir": args.model_dir, "read_bandwidth_gbs": bw, "threads": threads,
+              "device": str(llm.device), "dtype": str(llm.dtype), "accelerator_bytes": acc_bytes, "rows": rows}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return result
+    print(f"read bandwidth {bw:.1f} GB/s ({threads} threads); accelerator side on {llm.device} "
+          f"({llm.dtype}, {acc_bytes / 1e9:.2f} GB read per step)")
+    print(f"{'batch':>5} {'prefill tok/s':>13} {'decode tok/s':>12} {'bound tok/s':>11} {'of bound':>8} "
+          f"{'overhead':>8} {'overlap':>7} {'cpu ms':>7} {'accel ms':>8} {'wait ms':>7}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['prefill_tok_s']:>13.1f} {r['decode_tok_s']:>12.2f} {r['bound_tok_s']:>11.2f} "
+              f"{r['of_bound']:>8.2f} {r['overhead_frac']:>8.1%} {r['overlap_ratio']:>7.2f} "
+              f"{r['cpu_experts_ms_per_step']:>7.1f} {r['accel_ms_per_step']:>8.1f} {r['wait_ms_per_step']:>7.1f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
