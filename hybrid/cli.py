@@ -1,0 +1,166 @@
+"""The `hybrid` command (also `python -m hybrid`):
+
+    hybrid demo                                   tiny synthetic model, end to end
+    hybrid chat MODEL_DIR                         terminal chat
+    hybrid serve MODEL_DIR [--port 8000]          OpenAI-compatible server
+    hybrid batch MODEL_DIR --input in.jsonl --output out.jsonl
+    hybrid plan ...                               will it fit, where do the experts go (hybrid/plan.py)
+    hybrid bench generate|experts [ARGS]          tools/bench_generate.py, tools/bench_experts.py
+
+Model options shared by chat / serve / batch / demo: --device, --expert-backend, --max-context,
+--max-batch, --threads. Checked by tests/test_cli.py.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+from pathlib import Path
+
+BENCHES = {"generate": "bench_generate", "experts": "bench_experts"}
+
+
+def _model_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model")
+    g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (default: auto)")
+    g.add_argument("--expert-backend", default="auto", help="routed-expert CPU backend: auto, numba, torch, ...")
+    g.add_argument("--max-context", type=int, default=4096, help="tokens per sequence (default: 4096)")
+    g.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default: 16)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for the experts (default: all)")
+    return p
+
+
+def _sampling_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--max-tokens", type=int, default=None, help="per answer (default: until it ends)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hybrid", description="CPU/GPU hybrid inference for Kimi K2.6-class "
+                                     "MoE models. Start with `hybrid demo`.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    model, sampling = _model_options(), _sampling_options()
+
+    p = sub.add_parser("demo", parents=[model], help="run a tiny synthetic model end to end (start here)")
+    p.add_argument("--max-tokens", type=int, default=48)
+
+    p = sub.add_parser("chat", parents=[model, sampling], help="chat in the terminal")
+    p.add_argument("model_dir")
+    p.add_argument("--no-think", action="store_true", help="start with thinking off (/think on turns it on)")
+    p.add_argument("--system", default=None, help="system prompt")
+
+    p = sub.add_parser("serve", parents=[model], help="OpenAI-compatible HTTP server")
+    p.add_argument("model_dir")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("HYBRID_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $HYBRID_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None, help="model id clients send (default: folder name)")
+    p.add_argument("--log-level", default="info")
+
+    p = sub.add_parser("batch", parents=[model], help="run a JSONL file of requests, resumable")
+    p.add_argument("model_dir")
+    p.add_argument("--input", required=True, help="JSONL: one {id, messages|prompt, ...} per line")
+    p.add_argument("--output", required=True, help="JSONL results, appended; rerun to resume")
+    p.add_argument("--max-tokens", type=int, default=None, help="for lines that set none (default: until it ends)")
+    p.add_argument("--no-progress", action="store_true")
+
+    sub.add_parser("plan", help="will a checkpoint fit this machine, and where do the experts go",
+                   add_help=False)
+    p = sub.add_parser("bench", help="benchmarks: generate (end to end) or experts (CPU kernels)", add_help=False)
+    return parser
+
+
+def load_llm(args, progress: bool = True):
+    from .engine import LLM
+    return LLM(args.model_dir, device=args.device, expert_backend=args.expert_backend, num_threads=args.threads,
+               max_batch=args.max_batch, max_context=args.max_context, progress=progress)
+
+
+def _run_plan(argv: list[str]) -> int:
+    try:
+        from .plan import cli_plan
+    except ImportError as e:
+        print(f"hybrid plan is not available in this build ({e}); it lives in hybrid/plan.py", file=sys.stderr)
+        return 2
+    return cli_plan(argv) or 0
+
+
+def _run_bench(argv: list[str]) -> int:
+    if not argv or argv[0] not in BENCHES:
+        print(f"usage: hybrid bench {{{','.join(BENCHES)}}} [ARGS]   (--help after the name for its options)",
+              file=sys.stderr)
+        return 2
+    module = BENCHES[argv[0]]
+    path = Path(__file__).resolve().parent.parent / "tools" / f"{module}.py"
+    old = sys.argv
+    sys.argv = [f"hybrid bench {argv[0]}"] + argv[1:]
+    try:
+        if path.is_file():
+            runpy.run_path(str(path), run_name="__main__")
+        else:
+            runpy.run_module(f"tools.{module}", run_name="__main__")
+    except ImportError as e:
+        print(f"benchmark {argv[0]} is not available ({e}); it is tools/{module}.py in the source tree",
+              file=sys.stderr)
+        return 2
+    finally:
+        sys.argv = old
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "plan":                # its own options, parsed by hybrid/plan.py
+        return _run_plan(argv[1:])
+    if argv and argv[0] == "bench":
+        return _run_bench(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return _dispatch(args) or 0
+    except ValueError as e:                        # bad user input: say what, no traceback
+        print(f"hybrid {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int | None:
+    if args.command == "demo":
+        from .demo import run_demo
+        run_demo(args.device, args.expert_backend, args.threads, args.max_tokens)
+    elif args.command == "chat":
+        from .sampling import SamplingParams
+        from .terminal_chat import run_chat
+        llm = load_llm(args)
+        from .protocol import generation_defaults
+        kw = {**generation_defaults(llm.model_dir),
+              **{k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}}
+        run_chat(llm, thinking=not args.no_think, system=args.system,
+                 sampling=SamplingParams(max_tokens=args.max_tokens, **kw))
+    elif args.command == "serve":
+        from .server import serve
+        llm = load_llm(args)
+        name = args.served_model_name or Path(args.model_dir).resolve().name
+        serve(llm, name, args.host, args.port, args.api_key, args.log_level)
+    elif args.command == "batch":
+        from .batch import CRASH_ENV, run_batch
+        llm = load_llm(args, progress=not args.no_progress)
+        crash = os.environ.get(CRASH_ENV)
+        counts = run_batch(llm, args.input, args.output, args.max_tokens, progress=not args.no_progress,
+                           crash_after=int(crash) if crash else None)
+        print(f"batch: {counts['results']} results, {counts['errors']} error records, "
+              f"{counts['skipped']} already done; {counts['tokens_per_s']:.1f} tok/s -> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
