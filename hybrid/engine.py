@@ -221,15 +221,22 @@ class Engine:
                 "decode_tokens_per_s": (len(seq.output) - 1) / decode_s if len(seq.output) > 1 else 0.0}
 
 
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 class LLM:
     """A loaded model: `score`, `generate`, `stream` (and `chat` once a tokenizer is present)."""
 
-    def __init__(self, model_dir: str | Path, *, device: str = "auto", dtype: torch.dtype | None = None,
+    def __init__(self, model_dir: str | Path, *, device: str = "auto", dtype: torch.dtype | str | None = None,
                  expert_backend: str = "auto", num_threads: int | None = None, max_batch: int = 16,
                  max_context: int = 4096, max_prefill_tokens: int = 2048, progress: bool = True):
         self.model_dir = Path(model_dir)
         self.config = load_config(self.model_dir)
         self.device = resolve_device(device)
+        if isinstance(dtype, str):
+            if dtype not in DTYPE_NAMES:
+                raise ValueError(f"dtype {dtype!r} unknown; choose one of {', '.join(DTYPE_NAMES)}")
+            dtype = DTYPE_NAMES[dtype]
         self.dtype = dtype or default_dtype(self.device)
         self.checkpoint = Checkpoint(self.model_dir, self.config)
         self.tokenizer = None

@@ -2,7 +2,7 @@
 layer shapes), measured against this machine's own read bandwidth in the same run.
 
     python tools/bench_generate.py [MODEL_DIR] [--batches 1,4,16] [--prompt-len 64] [--steps 8]
-                                   [--expert-backend auto] [--json]
+                                   [--expert-backend auto] [--dtype float32|bfloat16] [--json]
 
 MODEL_DIR defaults to /tmp/hybrid-k2slice (written by tools/make_checkpoint.py --preset k2-slice
 if missing). For each batch size B it reports:
@@ -115,6 +115,8 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--expert-backend", default="auto")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="accelerator-side dtype (default: bf16 on a GPU, float32 on the CPU)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
@@ -124,7 +126,7 @@ def main(argv=None):
         write_checkpoint(args.model_dir, "k2-slice", progress=True)
     threads = os.cpu_count()
     bw = read_bandwidth(threads)
-    llm = LLM(args.model_dir, expert_backend=args.expert_backend, max_batch=max(batches),
+    llm = LLM(args.model_dir, expert_backend=args.expert_backend, max_batch=max(batches), dtype=args.dtype,
               max_context=args.prompt_len + args.steps + 8, progress=not args.json)
     timer = ForwardTimer(llm)
     acc_bytes = accelerator_bytes(llm)
