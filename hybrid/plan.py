@@ -1,0 +1,433 @@
+"""The memory plan: what goes where, in bytes, before anything loads; and a tok/s prediction.
+
+    plan = make_plan(config, gpu_mem_bytes=24 * GIB, ram_bytes=512 * GIB, context=65536,
+                     gpu_weights="int8", hw=Hardware.from_dict(json.load(open("hw.json"))))
+    print(format_plan(plan))     # `hybrid plan MODEL_DIR ...` is cli_plan(argv)
+
+GPU: the accelerator-side weights (MLA, dense layers, shared experts, lm_head in bf16 or 8 bits per
+hybrid/gpu_weights.py; router fp32; norms and embeddings bf16), hot experts kept on the GPU in INT4,
+the latent KV cache (layers x context x (kv_lora_rank + rope dim) x 2 bytes x batch), two expert
+streaming buffers and a fixed reserve. RAM: the routed experts in INT4 (packed + bf16 scale per 32;
+bf16/fp8 checkpoints are quantized to INT4 at load, same size), pinned transfer buffers and a reserve.
+Sizes are binary: parse_size("24GB") is 24 GiB, the way memory is sold and reported.
+If it does not fit, `advice` lists what would, with the numbers. Tests: tests/test_plan.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .config import ModelConfig, load_config
+from .expert_streaming import LayerShape, Rates, expected_experts_hit, layer_costs, threshold_tokens
+
+GIB = 1 << 30
+GPU_FORMATS = ("bf16", "int8", "fp8")
+GPU_RESERVE_BYTES = 2 * GIB       # CUDA context, allocator slack, activations of a step
+RAM_RESERVE_BYTES = 8 * GIB       # OS, Python + torch, page cache while reading shards
+KV_BYTES = 2                      # bf16 latent cache
+PREFILL_CHUNK = 2048              # tokens per prefill step (sizes the pinned activation buffers)
+STREAM_CHUNK_EXPERTS = 32         # experts per streaming buffer (two buffers)
+MIN_CONTEXT = 1024                # shortest context the advice offers
+TRANSFER_LATENCY_S = 10e-6        # per host<->device copy + sync in a decode step
+INT4_GPU_EFFICIENCY = 0.5         # W4A16 kernels reach about half the dense bf16 peak
+
+
+class PlanError(RuntimeError):
+    """The model does not fit this machine; the message is the formatted plan with advice."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Measured rates of a workstation (tools/bench_experts.py for the CPU side)."""
+    ram_bandwidth_gbs: float          # STREAM-like read bandwidth, GB/s (1e9)
+    pcie_gbs: float                   # host->device copy rate, 0 without a GPU
+    gpu_bandwidth_gbs: float          # GPU memory bandwidth, 0 without a GPU
+    cpu_kernel_efficiency: float      # INT4 decode kernel GB/s over ram_bandwidth_gbs (0..1]
+    cpu_gflops: float                 # INT4 expert kernel GFLOP/s at prefill sizes
+    gpu_tflops: float                 # dense bf16 TFLOP/s, 0 without a GPU
+
+    KEYS = ("ram_bandwidth_gbs", "pcie_gbs", "gpu_bandwidth_gbs", "cpu_kernel_efficiency", "cpu_gflops",
+            "gpu_tflops")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Hardware":
+        """Our keys, or tools/bench_experts.py --json output (read_bandwidth_gbs, decode_ratio,
+        prefill_512_gflops) completed with pcie_gbs / gpu_bandwidth_gbs / gpu_tflops."""
+        d = dict(d)
+        d.setdefault("ram_bandwidth_gbs", d.get("read_bandwidth_gbs"))
+        d.setdefault("cpu_kernel_efficiency", d.get("decode_ratio"))
+        d.setdefault("cpu_gflops", d.get("prefill_512_gflops"))
+        for k in ("pcie_gbs", "gpu_bandwidth_gbs", "gpu_tflops"):
+            d.setdefault(k, 0.0)
+        missing = [k for k in cls.KEYS if d.get(k) is None]
+        if missing:
+            raise ValueError(f"hardware figures missing: {', '.join(missing)} (needed: {', '.join(cls.KEYS)})")
+        hw = cls(**{k: float(d[k]) for k in cls.KEYS})
+        if not 0 < hw.cpu_kernel_efficiency <= 1:
+            raise ValueError(f"cpu_kernel_efficiency must be in (0, 1], got {hw.cpu_kernel_efficiency}")
+        if hw.ram_bandwidth_gbs <= 0 or hw.cpu_gflops <= 0:
+            raise ValueError("ram_bandwidth_gbs and cpu_gflops must be > 0")
+        return hw
+
+    @property
+    def has_gpu(self) -> bool:
+        return self.pcie_gbs > 0 and self.gpu_bandwidth_gbs > 0 and self.gpu_tflops > 0
+
+    def rates(self) -> Rates:
+        return Rates(self.pcie_gbs if self.has_gpu else 0.0, self.gpu_tflops * 1e3 * INT4_GPU_EFFICIENCY,
+                     self.ram_bandwidth_gbs * self.cpu_kernel_efficiency, self.cpu_gflops)
+
+
+@dataclass
+class Plan:
+    model: str
+    context: int
+    batch: int
+    gpu_weights: str
+    gpu_experts: int
+    gpu_mem_bytes: int
+    ram_bytes: int
+    on_gpu: bool                       # False: a CPU-only machine, the accelerator side is in RAM
+    gpu_weights_bytes: int             # accelerator-side weights incl. hot experts
+    gpu_expert_bytes: int              # of which hot experts (INT4)
+    kv_cache_bytes: int
+    stream_buffer_bytes: int
+    gpu_reserve_bytes: int
+    cpu_expert_bytes: int
+    pinned_bytes: int
+    ram_reserve_bytes: int
+    gpu_total_bytes: int
+    ram_total_bytes: int
+    fits_gpu: bool
+    fits_ram: bool
+    fits: bool
+    advice: list = field(default_factory=list)
+    parts: dict = field(default_factory=dict)          # accelerator-side bytes by part
+    predicted_prefill_tok_s: float | None = None
+    predicted_decode_tok_s: float | None = None
+    prediction: dict = field(default_factory=dict)
+
+
+# ---- sizes ---------------------------------------------------------------------------------------
+def linear_shapes(config: ModelConfig) -> dict[str, list[tuple[int, int]]]:
+    """(out, in) of every accelerator-side nn.Linear, grouped by part."""
+    c = config
+    H, qk = c.num_attention_heads, c.qk_nope_head_dim + c.qk_rope_head_dim
+    D, R, P = c.hidden_size, c.kv_lora_rank, c.qk_rope_head_dim
+    attn = ([(c.q_lora_rank, D), (H * qk, c.q_lora_rank)] if c.q_lora_rank else [(H * qk, D)])
+    attn += [(R + P, D), (H * (c.qk_nope_head_dim + c.v_head_dim), R), (D, H * c.v_head_dim)]
+    n_moe = c.num_moe_layers
+    n_dense = c.num_hidden_layers - n_moe
+    shared_i = c.moe_intermediate_size * c.n_shared_experts
+    return {
+        "attention": attn * c.num_hidden_layers,
+        "dense_mlp": [(c.intermediate_size, D), (c.intermediate_size, D), (D, c.intermediate_size)] * n_dense,
+        "shared_experts": ([(shared_i, D), (shared_i, D), (D, shared_i)] * n_moe) if shared_i else [],
+        "lm_head": [(c.vocab_size, D)],
+    }
+
+
+def expert_bytes(config: ModelConfig) -> int:
+    """One routed expert (gate, up, down) in INT4: K/2 bytes of nibbles + a bf16 scale per group, per row."""
+    g = config.quantization.group_size if config.quantization.method == "int4" else 32
+    D, I = config.hidden_size, config.moe_intermediate_size
+    per = lambda n, k: n * (k // 2 + math.ceil(k / g) * 2)  # noqa: E731
+    return 2 * per(I, D) + per(D, I)
+
+
+def accelerator_parts(config: ModelConfig, fmt: str, dense_bytes: int = 2) -> dict[str, int]:
+    """Bytes of the accelerator-side weights by part; `fmt` applies to the Linears (8 bits: + fp32 scale per row)."""
+    c = config
+    out = {}
+    for part, shapes in linear_shapes(c).items():
+        if fmt == "bf16":
+            out[part] = sum(n * k for n, k in shapes) * dense_bytes
+        else:
+            out[part] = sum(n * k + 4 * n for n, k in shapes)
+    out["router"] = c.num_moe_layers * c.n_routed_experts * (c.hidden_size + 1) * 4     # fp32
+    out["embed_tokens"] = c.vocab_size * c.hidden_size * dense_bytes
+    norms = c.num_hidden_layers * (2 * c.hidden_size + c.kv_lora_rank + (c.q_lora_rank or 0)) + c.hidden_size
+    out["norms"] = norms * dense_bytes
+    return out
+
+
+def kv_cache_bytes(config: ModelConfig, context: int, batch: int) -> int:
+    return config.num_hidden_layers * context * (config.kv_lora_rank + config.qk_rope_head_dim) * KV_BYTES * batch
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtp]?)(i?b)?\s*$", re.I)
+
+
+def parse_size(text: str | int) -> int:
+    """'24GB', '24G', '24GiB', '1.5TB', '512m', '1000' (bytes) -> bytes; K/M/G/T/P are powers of 1024."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"size {text!r} not understood; use e.g. 24GB, 512GiB, 1TB or a byte count")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    return int(value * 1024 ** " kmgtp".index(unit or " "))
+
+
+def machine_memory() -> dict:
+    """{'ram_bytes', 'ram_available_bytes', 'gpu_mem_bytes'} of this machine (VRAM 0 without CUDA)."""
+    info = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            info[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    gpu = 0
+    try:
+        import torch
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_properties(0).total_memory
+    except Exception:   # a broken CUDA install reads as no GPU
+        gpu = 0
+    return {"ram_bytes": info.get("MemTotal", 0), "ram_available_bytes": info.get("MemAvailable", 0),
+            "gpu_mem_bytes": gpu}
+
+
+# ---- the plan -----------------------------------------------------------------------------------
+def _layout(config, gpu_mem_bytes, context, batch, gpu_weights, gpu_experts):
+    on_gpu = gpu_mem_bytes > 0
+    eb = expert_bytes(config)
+    n_experts = config.num_moe_layers * config.n_routed_experts
+    dense_bytes = 2 if on_gpu else 4       # on the CPU the accelerator side runs in fp32 (placement.py)
+    parts = accelerator_parts(config, gpu_weights, dense_bytes)
+    gpu_exp = min(gpu_experts, n_experts) * eb if on_gpu else 0
+    stream = 2 * min(STREAM_CHUNK_EXPERTS, config.n_routed_experts) * eb if on_gpu and config.num_moe_layers else 0
+    pinned = (stream + 2 * PREFILL_CHUNK * config.hidden_size * (2 + 4) * batch) if on_gpu else 0
+    return dict(on_gpu=on_gpu, parts=parts, gpu_weights_bytes=sum(parts.values()) + gpu_exp,
+                gpu_expert_bytes=gpu_exp, kv_cache_bytes=kv_cache_bytes(config, context, batch),
+                stream_buffer_bytes=stream, gpu_reserve_bytes=GPU_RESERVE_BYTES if on_gpu else 0,
+                cpu_expert_bytes=(n_experts - (gpu_exp // eb if eb else 0)) * eb, pinned_bytes=pinned,
+                ram_reserve_bytes=RAM_RESERVE_BYTES)
+
+
+def make_plan(config: ModelConfig, *, gpu_mem_bytes: int, ram_bytes: int, context: int, batch: int = 1,
+              gpu_weights: str = "bf16", gpu_experts: int = 0, hw: Hardware | dict | None = None,
+              prefill_tokens: int | None = None) -> Plan:
+    """Bytes per device for this config and these settings, whether they fit, advice, and with `hw`
+    predicted tok/s. gpu_mem_bytes = 0 plans a CPU-only machine (everything in RAM)."""
+    if gpu_weights not in GPU_FORMATS:
+        raise ValueError(f"gpu_weights {gpu_weights!r} is not supported; choose one of {', '.join(GPU_FORMATS)}")
+    if context < 1 or batch < 1 or gpu_experts < 0:
+        raise ValueError(f"context ({context}) and batch ({batch}) must be >= 1, gpu_experts ({gpu_experts}) >= 0")
+    if context > config.max_position_embeddings:
+        raise ValueError(f"context {context} exceeds max_position_embeddings ({config.max_position_embeddings})")
+    L = _layout(config, gpu_mem_bytes, context, batch, gpu_weights, gpu_experts)
+    device_side = L["gpu_weights_bytes"] + L["kv_cache_bytes"] + L["stream_buffer_bytes"] + L["gpu_reserve_bytes"]
+    gpu_total = device_side if L["on_gpu"] else 0
+    ram_total = L["cpu_expert_bytes"] + L["pinned_bytes"] + L["ram_reserve_bytes"] + (0 if L["on_gpu"] else device_side)
+    fits_gpu = gpu_total <= gpu_mem_bytes
+    fits_ram = ram_total <= ram_bytes
+    plan = Plan(model=config.model_type, context=context, batch=batch, gpu_weights=gpu_weights,
+                gpu_experts=gpu_experts, gpu_mem_bytes=gpu_mem_bytes, ram_bytes=ram_bytes,
+                gpu_total_bytes=gpu_total, ram_total_bytes=ram_total, fits_gpu=fits_gpu, fits_ram=fits_ram,
+                fits=fits_gpu and fits_ram, **L)
+    if not plan.fits:
+        plan.advice = _advice(config, plan)
+    if hw is not None:
+        hw = Hardware.from_dict(hw) if isinstance(hw, dict) else hw
+        _predict(config, plan, hw, prefill_tokens or min(context, 8192))
+    return plan
+
+
+def _gb(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def _max_context(config, plan: Plan, fmt: str, budget: int) -> int:
+    """Longest context (multiple of 1024) whose GPU total fits `budget`, with format `fmt`."""
+    L = _layout(config, plan.gpu_mem_bytes, 1, plan.batch, fmt, plan.gpu_experts)
+    fixed = L["gpu_weights_bytes"] + L["stream_buffer_bytes"] + L["gpu_reserve_bytes"]
+    per_tok = kv_cache_bytes(config, 1, plan.batch)
+    ctx = (budget - fixed) // per_tok if budget > fixed else 0
+    return min(int(ctx) // 1024 * 1024, config.max_position_embeddings)
+
+
+def _advice(config, plan: Plan) -> list[str]:
+    out = []
+    eb = expert_bytes(config)
+    if plan.on_gpu and not plan.fits_gpu:
+        over = plan.gpu_total_bytes - plan.gpu_mem_bytes
+        out.append(f"GPU: needs {_gb(plan.gpu_total_bytes)} (weights {_gb(plan.gpu_weights_bytes)}, KV cache "
+                   f"{_gb(plan.kv_cache_bytes)} at context {plan.context}, streaming buffers "
+                   f"{_gb(plan.stream_buffer_bytes)}, reserve {_gb(plan.gpu_reserve_bytes)}), has "
+                   f"{_gb(plan.gpu_mem_bytes)}: {_gb(over)} over")
+        if plan.gpu_weights == "bf16":
+            alt = _layout(config, plan.gpu_mem_bytes, plan.context, plan.batch, "int8", plan.gpu_experts)
+            total = plan.gpu_total_bytes - plan.gpu_weights_bytes + alt["gpu_weights_bytes"]
+            verdict = "fits" if total <= plan.gpu_mem_bytes else "still over"
+            out.append(f"8-bit GPU weights (--gpu-weights int8): weights {_gb(plan.gpu_weights_bytes)} -> "
+                       f"{_gb(alt['gpu_weights_bytes'])}, GPU total {_gb(total)}: {verdict}")
+        for fmt in dict.fromkeys([plan.gpu_weights, "int8"]):
+            ctx = _max_context(config, plan, fmt, plan.gpu_mem_bytes)
+            if ctx >= MIN_CONTEXT and ctx < plan.context:
+                flag = "" if fmt == plan.gpu_weights else f" with --gpu-weights {fmt}"
+                out.append(f"shorter context: --context {ctx}{flag} fits (KV cache "
+                           f"{_gb(kv_cache_bytes(config, ctx, plan.batch))})")
+        if plan.gpu_experts:
+            n = max(0, plan.gpu_experts - math.ceil(over / eb))
+            out.append(f"fewer GPU experts: --gpu-experts {n} frees {_gb((plan.gpu_experts - n) * eb)} "
+                       f"({_gb(eb)} per INT4 expert)")
+        if plan.batch > 1:
+            out.append(f"smaller batch: the KV cache is {_gb(plan.kv_cache_bytes / plan.batch)} per sequence")
+    if not plan.fits_ram:
+        short = plan.ram_total_bytes - plan.ram_bytes
+        need = plan.ram_total_bytes
+        out.append(f"RAM: needs {_gb(need)} (routed experts INT4 {_gb(plan.cpu_expert_bytes)}, pinned buffers "
+                   f"{_gb(plan.pinned_bytes)}, reserve {_gb(plan.ram_reserve_bytes)}"
+                   + ("" if plan.on_gpu else ", accelerator-side weights and KV cache in RAM")
+                   + f"), has {_gb(plan.ram_bytes)}: {_gb(short)} short")
+        n = math.ceil(short / eb)
+        free_gpu = plan.gpu_mem_bytes - plan.gpu_total_bytes
+        if plan.on_gpu and n * eb <= free_gpu:
+            out.append(f"more GPU experts: --gpu-experts {plan.gpu_experts + n} moves {_gb(n * eb)} of experts "
+                       f"to the GPU, which has {_gb(free_gpu)} free")
+        else:
+            out.append(f"the routed experts cannot be held here: this machine needs at least {_gb(need)} of RAM "
+                       f"(moving the missing {n} experts, {_gb(n * eb)}, to the GPU would need that much free "
+                       f"GPU memory; it has {_gb(max(free_gpu, 0))})")
+    return out
+
+
+def _predict(config, plan: Plan, hw: Hardware, prefill_tokens: int) -> None:
+    """Fill the predictions. The model, per decode step of a batch of B sequences:
+        cpu  = distinct routed-expert bytes on the CPU / (ram_bw * cpu_kernel_efficiency)
+               (distinct experts per layer E*(1-(1-k/E)^B), uniform routing; hot experts take
+               their uniform share gpu_experts / (layers * E) of those bytes to the GPU)
+        gpu  = (accelerator-side weights except embeddings + hot-expert share + the KV cache read at
+               half the context) / gpu_bw      (on a CPU-only machine: / ram_bw)
+        xfer = MoE layers * (2 * 10 us + B * D * 6 bytes / pcie)   (hidden to the CPU, result back)
+        decode tok/s = B / (cpu + gpu + xfer)   (no overlap assumed: the shared expert is short)
+    Prefill of one prompt of T tokens: per MoE layer min(cpu(T), stream(T)) from
+    hybrid/expert_streaming.py, plus the accelerator side at 2 flop per weight per token and
+    the causal attention (T^2/2 * H * (d_qk + d_v) * 2 flop per layer) at gpu_tflops
+    (cpu_gflops on a CPU-only machine); prefill tok/s = T / total."""
+    c = config
+    gpu = plan.on_gpu and hw.has_gpu
+    eb = expert_bytes(c)
+    n_moe, E, k, D = c.num_moe_layers, c.n_routed_experts, c.num_experts_per_tok, c.hidden_size
+    frac_gpu = min(plan.gpu_experts, n_moe * E) / (n_moe * E) if (gpu and n_moe) else 0.0
+    B = plan.batch
+    hit = expected_experts_hit(E, k, B) if n_moe else 0.0
+    cpu_bytes = n_moe * hit * eb * (1 - frac_gpu)
+    t_cpu = cpu_bytes / (hw.ram_bandwidth_gbs * hw.cpu_kernel_efficiency * 1e9)
+    dense = sum(v for p, v in plan.parts.items() if p != "embed_tokens")
+    kv_read = B * c.num_hidden_layers * (plan.context / 2) * (c.kv_lora_rank + c.qk_rope_head_dim) * KV_BYTES
+    gpu_bytes = dense + n_moe * hit * eb * frac_gpu + kv_read
+    t_gpu = gpu_bytes / ((hw.gpu_bandwidth_gbs if gpu else hw.ram_bandwidth_gbs) * 1e9)
+    t_xfer = n_moe * (2 * TRANSFER_LATENCY_S + B * D * 6 / (hw.pcie_gbs * 1e9)) if gpu else 0.0
+    plan.predicted_decode_tok_s = B / (t_cpu + t_gpu + t_xfer)
+
+    T = prefill_tokens
+    shape = LayerShape.from_config(c)
+    rates = hw.rates() if gpu else Rates(0.0, 0.0, hw.ram_bandwidth_gbs * hw.cpu_kernel_efficiency, hw.cpu_gflops)
+    t_exp, streamed = 0.0, False
+    if n_moe:
+        cpu_s, stream_s = layer_costs(rates, shape, T)
+        cpu_s *= (1 - frac_gpu)
+        streamed = stream_s < cpu_s
+        t_exp = n_moe * min(cpu_s, stream_s)
+    params = sum(n * kk for shapes in linear_shapes(c).values() for n, kk in shapes)
+    attn_flops = c.num_hidden_layers * (T * T / 2) * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * 2
+    flops = 2 * params * T + attn_flops
+    t_dense = flops / ((hw.gpu_tflops * 1e12) if gpu else (hw.cpu_gflops * 1e9))
+    plan.predicted_prefill_tok_s = T / (t_exp + t_dense)
+    plan.prediction = {
+        "decode_step_ms": {"cpu_experts": t_cpu * 1e3, "accelerator": t_gpu * 1e3, "transfers": t_xfer * 1e3},
+        "decode_expert_bytes_per_token": cpu_bytes / B,
+        "prefill_tokens": T, "prefill_s": {"experts": t_exp, "accelerator": t_dense},
+        "prefill_experts_streamed": streamed,
+        "stream_threshold_tokens": threshold_tokens(rates, shape) if (gpu and n_moe) else None,
+    }
+
+
+# ---- output -------------------------------------------------------------------------------------
+def plan_to_json(plan: Plan) -> dict:
+    return asdict(plan)
+
+
+def format_plan(plan: Plan) -> str:
+    g = lambda n: f"{n / GIB:10.2f}"  # noqa: E731
+    blank = " " * 10
+    fmt = plan.gpu_weights if plan.on_gpu or plan.gpu_weights != "bf16" else "fp32 on the CPU"
+    rows = [(f"accelerator-side weights ({fmt})",
+             plan.gpu_weights_bytes - plan.gpu_expert_bytes, plan.on_gpu)]
+    if plan.gpu_experts:
+        rows.append((f"hot experts on the GPU ({plan.gpu_experts})", plan.gpu_expert_bytes, True))
+    rows += [(f"KV cache ({plan.context} tokens x {plan.batch})", plan.kv_cache_bytes, plan.on_gpu),
+             ("expert streaming buffers", plan.stream_buffer_bytes, True),
+             ("reserve (CUDA context, activations)", plan.gpu_reserve_bytes, True),
+             ("routed experts, INT4 + scales", plan.cpu_expert_bytes, False),
+             ("pinned transfer buffers", plan.pinned_bytes, False),
+             ("reserve (OS, runtime, page cache)", plan.ram_reserve_bytes, False)]
+    lines = [f"memory plan: {plan.model}, context {plan.context}, batch {plan.batch}, GPU weights "
+             f"{plan.gpu_weights}" + ("" if plan.on_gpu else " (no GPU: everything in RAM)"),
+             f"{'':40s}{'GPU GiB':>10s}{'RAM GiB':>10s}"]
+    for name, n, gpu_side in rows:
+        if n or name.startswith(("accelerator", "KV", "routed")):
+            lines.append(f"{name:40s}" + (g(n) + blank if gpu_side else blank + g(n)))
+    lines.append(f"{'total':40s}{g(plan.gpu_total_bytes)}{g(plan.ram_total_bytes)}")
+    lines.append(f"{'available':40s}{g(plan.gpu_mem_bytes)}{g(plan.ram_bytes)}")
+    yes = lambda ok: f"{'yes' if ok else 'NO':>10s}"  # noqa: E731
+    lines.append(f"{'fits':40s}{yes(plan.fits_gpu) if plan.on_gpu else blank}{yes(plan.fits_ram)}")
+    if plan.advice:
+        lines.append("does not fit:" if not plan.fits else "advice:")
+        lines += [f"  - {a}" for a in plan.advice]
+    if plan.predicted_decode_tok_s is not None:
+        p = plan.prediction
+        how = "experts streamed to the GPU" if p["prefill_experts_streamed"] else "experts on the CPU"
+        thr = p["stream_threshold_tokens"]
+        lines.append(f"predicted: prefill {plan.predicted_prefill_tok_s:.1f} tok/s ({p['prefill_tokens']}-token "
+                     f"prompt, {how}" + (f"; streaming pays from {thr} tokens a layer" if thr else "") + "), "
+                     f"decode {plan.predicted_decode_tok_s:.2f} tok/s (step: CPU experts "
+                     f"{p['decode_step_ms']['cpu_experts']:.1f} ms, accelerator "
+                     f"{p['decode_step_ms']['accelerator']:.1f} ms, transfers {p['decode_step_ms']['transfers']:.1f} ms)")
+    return "\n".join(lines)
+
+
+def check_before_load(config: ModelConfig, **kwargs) -> Plan:
+    """make_plan with this machine's memory unless given; raises PlanError (the table + advice) if it does not fit."""
+    mem = machine_memory()
+    kwargs.setdefault("gpu_mem_bytes", mem["gpu_mem_bytes"])
+    kwargs.setdefault("ram_bytes", mem["ram_bytes"])
+    plan = make_plan(config, **kwargs)
+    if not plan.fits:
+        raise PlanError(format_plan(plan))
+    return plan
+
+
+def cli_plan(argv: list[str] | None = None) -> int:
+    """`hybrid plan MODEL_DIR [...]`: prints the plan (or --json); returns 0 if it fits, 1 if not."""
+    ap = argparse.ArgumentParser(prog="hybrid plan", description="memory plan and tok/s prediction for a checkpoint "
+                                 "(a directory holding config.json is enough)")
+    ap.add_argument("model_dir")
+    ap.add_argument("--gpu-mem", help="GPU memory, e.g. 24GB (default: this machine's; 0 = no GPU)")
+    ap.add_argument("--ram", help="RAM, e.g. 512GB (default: this machine's)")
+    ap.add_argument("--context", type=int, default=65536, help="tokens of KV cache per sequence (default 65536)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--gpu-weights", choices=GPU_FORMATS, default="bf16")
+    ap.add_argument("--gpu-experts", type=int, default=0, help="routed experts kept on the GPU (INT4)")
+    ap.add_argument("--hw", help="JSON file of measured rates: " + ", ".join(Hardware.KEYS))
+    ap.add_argument("--prefill-tokens", type=int, help="prompt length for the prefill prediction "
+                    "(default min(context, 8192))")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+    config = load_config(args.model_dir)
+    mem = machine_memory() if args.gpu_mem is None or args.ram is None else {}
+    gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem is not None else mem["gpu_mem_bytes"]
+    ram = parse_size(args.ram) if args.ram is not None else mem["ram_bytes"]
+    hw = Hardware.from_dict(json.loads(Path(args.hw).read_text())) if args.hw else None
+    plan = make_plan(config, gpu_mem_bytes=gpu_mem, ram_bytes=ram, context=args.context, batch=args.batch,
+                     gpu_weights=args.gpu_weights, gpu_experts=args.gpu_experts, hw=hw,
+                     prefill_tokens=args.prefill_tokens)
+    print(json.dumps(plan_to_json(plan)) if args.json else format_plan(plan))
+    return 0 if plan.fits else 1

@@ -1,0 +1,166 @@
+"""The memory plan and tok/s prediction (hybrid/plan.py) on the published K2.6 config (a directory
+holding only config.json) and the `hybrid plan` command line. Run: pytest tests/test_plan.py (< 1 s).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from hybrid.config import load_config
+from hybrid.plan import (GIB, Hardware, cli_plan, expert_bytes, format_plan, kv_cache_bytes, machine_memory,
+                         make_plan, parse_size, plan_to_json)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+K26 = FIXTURES / "kimi-k2.6"
+HW = {"ram_bandwidth_gbs": 300.0, "pcie_gbs": 25.0, "gpu_bandwidth_gbs": 1000.0, "cpu_kernel_efficiency": 0.6,
+      "cpu_gflops": 2000.0, "gpu_tflops": 160.0}
+
+
+@pytest.fixture(scope="module")
+def k26():
+    return load_config(K26)
+
+
+def plan(config, gpu="24GB", ram="1TB", **kw):
+    kw.setdefault("context", 65536)
+    return make_plan(config, gpu_mem_bytes=parse_size(gpu), ram_bytes=parse_size(ram), **kw)
+
+
+def test_k26_bytes(k26):
+    p = plan(k26)
+    per_expert = 3 * 2048 * 7168 * (0.5 + 2 / 32)                   # INT4 nibbles + a bf16 scale per 32
+    assert expert_bytes(k26) == per_expert
+    assert p.cpu_expert_bytes == 60 * 384 * per_expert == 570_760_888_320   # 531.6 GiB
+    assert p.kv_cache_bytes == 61 * 65536 * (512 + 64) * 2 == kv_cache_bytes(k26, 65536, 1)
+    attn = 7168 * 1536 + 1536 * 64 * 192 + 7168 * 576 + 512 * 64 * 256 + 64 * 128 * 7168
+    assert p.parts["attention"] == 61 * attn * 2
+    assert p.parts["dense_mlp"] == 3 * 18432 * 7168 * 2
+    assert p.parts["shared_experts"] == 60 * 3 * 2048 * 7168 * 2
+    assert p.parts["lm_head"] == p.parts["embed_tokens"] == 163840 * 7168 * 2
+    params = (p.gpu_weights_bytes - p.parts["router"]) / 2
+    assert 11.5e9 < params < 11.8e9                                   # the ~11.6B GPU-resident part
+    assert p.pinned_bytes > 0 and p.stream_buffer_bytes == 2 * 32 * per_expert
+
+
+def test_24gb_bf16_does_not_fit_and_advice_says_int8(k26):
+    p = plan(k26, gpu_weights="bf16")
+    assert not p.fits_gpu and not p.fits
+    assert any("--gpu-weights int8" in a and "fits" in a for a in p.advice), p.advice
+    q = plan(k26, gpu_weights="int8")
+    assert q.fits_gpu and q.fits and not q.advice
+    assert q.gpu_weights_bytes < 0.6 * p.gpu_weights_bytes
+    assert plan(k26, gpu_weights="fp8").gpu_weights_bytes == q.gpu_weights_bytes
+
+
+def test_shorter_context_advice_fits(k26):
+    p = plan(k26, gpu_weights="int8", context=262144)
+    assert not p.fits_gpu
+    (line,) = [a for a in p.advice if a.startswith("shorter context")]
+    ctx = int(re.search(r"--context (\d+)", line).group(1))
+    assert 65536 < ctx < 262144
+    assert plan(k26, gpu_weights="int8", context=ctx).fits_gpu
+    assert not plan(k26, gpu_weights="int8", context=ctx + 1024).fits_gpu
+
+
+def test_512gb_ram_cannot_hold_the_experts_1tb_can(k26):
+    p = plan(k26, ram="512GB", gpu_weights="int8")
+    assert p.fits_gpu and not p.fits_ram and not p.fits
+    assert any("RAM" in a and "531.6 GiB" in a for a in p.advice), p.advice
+    assert any("cannot be held" in a for a in p.advice), p.advice
+    assert plan(k26, ram="1TB", gpu_weights="int8").fits_ram
+
+
+def test_gpu_experts_move_bytes(k26):
+    base, hot = plan(k26, gpu_weights="int8"), plan(k26, gpu_weights="int8", gpu_experts=100)
+    eb = expert_bytes(k26)
+    assert base.cpu_expert_bytes - hot.cpu_expert_bytes == 100 * eb
+    assert hot.gpu_weights_bytes - base.gpu_weights_bytes == hot.gpu_expert_bytes == 100 * eb
+    too_many = plan(k26, gpu_weights="int8", gpu_experts=400)
+    assert not too_many.fits_gpu
+    (line,) = [a for a in too_many.advice if a.startswith("fewer GPU experts")]
+    n = int(re.search(r"--gpu-experts (\d+)", line).group(1))
+    assert 0 < n < 400 and plan(k26, gpu_weights="int8", gpu_experts=n).fits_gpu
+
+
+def test_predictions(k26):
+    p = plan(k26, gpu_weights="int8", hw=HW)
+    step = p.prediction["decode_step_ms"]
+    # decode: 8 experts x 60 layers of INT4 bytes per token over RAM bw x efficiency
+    assert p.prediction["decode_expert_bytes_per_token"] == pytest.approx(60 * 8 * expert_bytes(k26))
+    assert step["cpu_experts"] == pytest.approx(60 * 8 * expert_bytes(k26) / (300e9 * 0.6) * 1e3)
+    assert p.predicted_decode_tok_s == pytest.approx(1e3 / sum(step.values()))
+    assert 5 < p.predicted_decode_tok_s < 20
+    assert p.prediction["prefill_experts_streamed"] and p.prediction["stream_threshold_tokens"] > 100
+    cpu_only = make_plan(k26, gpu_mem_bytes=0, ram_bytes=parse_size("1TB"), context=65536, hw=HW)
+    assert not cpu_only.on_gpu and cpu_only.gpu_total_bytes == 0
+    assert not cpu_only.prediction["prefill_experts_streamed"]
+    assert cpu_only.predicted_prefill_tok_s < p.predicted_prefill_tok_s
+    assert cpu_only.predicted_decode_tok_s < p.predicted_decode_tok_s
+    assert "predicted: prefill" in format_plan(p)
+
+
+def test_hardware_from_bench_experts_json():
+    bench = {"read_bandwidth_gbs": 20.0, "decode_ratio": 0.7, "prefill_512_gflops": 150.0, "threads": 2}
+    hw = Hardware.from_dict(bench)
+    assert (hw.ram_bandwidth_gbs, hw.cpu_kernel_efficiency, hw.cpu_gflops, hw.has_gpu) == (20.0, 0.7, 150.0, False)
+    with pytest.raises(ValueError, match="ram_bandwidth_gbs"):
+        Hardware.from_dict({"pcie_gbs": 25})
+
+
+def test_other_configs_plan():
+    for name, layers, experts in [("kimi-k2-thinking", 60, 384), ("deepseek-v3", 58, 256)]:
+        c = load_config(FIXTURES / name)
+        p = make_plan(c, gpu_mem_bytes=parse_size("48GB"), ram_bytes=parse_size("1TB"), context=32768,
+                      gpu_weights="int8")
+        assert p.cpu_expert_bytes == layers * experts * expert_bytes(c)     # fp8 experts: INT4 at load
+        assert p.fits, format_plan(p)
+
+
+def test_parse_size_and_machine_memory():
+    assert parse_size("24GB") == parse_size("24GiB") == parse_size("24g") == 24 * GIB
+    assert parse_size("1TB") == 1024 * GIB and parse_size("1.5T") == 1536 * GIB
+    assert parse_size("512MB") == 512 << 20 and parse_size("1000") == 1000 and parse_size(7) == 7
+    for bad in ("", "24 XB", "GB", "-1GB"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    mem = machine_memory()
+    assert mem["ram_bytes"] > 0 and mem["gpu_mem_bytes"] >= 0
+
+
+def test_bad_arguments(k26):
+    with pytest.raises(ValueError, match="bf16, int8, fp8"):
+        plan(k26, gpu_weights="int4")
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        plan(k26, context=10**7)
+
+
+def test_cli_plan_json(capsys):
+    rc = cli_plan([str(K26), "--gpu-mem", "24GB", "--ram", "512GB", "--context", "65536", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 1 and out["fits"] is False
+    for key in ("gpu_weights_bytes", "kv_cache_bytes", "cpu_expert_bytes", "pinned_bytes", "advice"):
+        assert key in out
+    assert any("--gpu-weights int8" in a for a in out["advice"])
+    assert out["predicted_decode_tok_s"] is None
+
+
+def test_cli_plan_hw_and_table(tmp_path, capsys):
+    hw = tmp_path / "hw.json"
+    hw.write_text(json.dumps(HW))
+    rc = cli_plan([str(K26), "--gpu-mem", "24GB", "--ram", "1TB", "--gpu-weights", "int8", "--hw", str(hw), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["fits"] is True and not out["advice"]
+    assert out["predicted_prefill_tok_s"] > 0 and out["predicted_decode_tok_s"] > 0
+    assert out == plan_to_json(plan(load_config(K26), gpu_weights="int8", hw=HW))
+    rc = cli_plan([str(K26), "--gpu-mem", "24GB", "--ram", "1TB", "--batch", "2"])
+    text = capsys.readouterr().out
+    assert rc == 1 and "memory plan" in text and "NO" in text and "--gpu-weights int8" in text
+
+
+def test_tiny_synthetic_plan(tiny_dir):
+    c = load_config(tiny_dir)
+    p = make_plan(c, gpu_mem_bytes=0, ram_bytes=parse_size("16GB"), context=4096, hw=HW)
+    assert p.fits and p.cpu_expert_bytes == c.num_moe_layers * c.n_routed_experts * expert_bytes(c)
