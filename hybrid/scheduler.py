@@ -71,21 +71,43 @@ class ExpertScheduler:
         self._future = None
         self._t_submit = 0.0
         self._cuda = device.type == "cuda"
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._h2d_done = None
         if self._cuda:
             self._copy_stream = torch.cuda.Stream(device)
 
     def __getattr__(self, name):          # nbytes, dequantized, load_expert... of the wrapped backend
         return getattr(self.backend, name)
 
+    def _pinned(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        """A pinned host buffer for `like`, kept per layer and grown when a step has more tokens."""
+        buf = self._buffers.get(key)
+        n = like.numel()
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype:
+            buf = torch.empty(max(n, 1), dtype=like.dtype, pin_memory=True)
+            self._buffers[key] = buf
+        return buf[:n].view(like.shape)
+
     def _to_host(self, *tensors):
+        """CUDA: copy into pinned buffers on the side stream; the host waits only for these copies."""
         if not self._cuda:
             return tensors
+        if self._h2d_done is not None:
+            self._h2d_done.synchronize()        # the previous result's copy out of our buffer is over
         with torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-            host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-                         for t in tensors)
+            host = tuple(self._pinned(f"in{i}", t).copy_(t, non_blocking=True) for i, t in enumerate(tensors))
         self._copy_stream.synchronize()
         return host
+
+    def _to_device(self, y: torch.Tensor) -> torch.Tensor:
+        if not self._cuda:
+            return y
+        staged = self._pinned("out", y).copy_(y)
+        out = staged.to(self.device, non_blocking=True)
+        self._h2d_done = torch.cuda.Event()
+        self._h2d_done.record()
+        return out
 
     def _run(self, x, ids, w):
         t0 = time.perf_counter()
@@ -107,9 +129,7 @@ class ExpertScheduler:
         if self.stats.enabled:
             self.stats.record(self.layer_idx, accel=t_wait - self._t_submitted, cpu=cpu_s,
                               wait=t_done - t_wait, moe=t_done - self._t_submit)
-        if self._cuda:
-            y = y.pin_memory().to(self.device, non_blocking=True)
-        return y
+        return self._to_device(y)
 
     def forward(self, x, topk_ids, topk_weights):
         self.submit(x, topk_ids, topk_weights)
