@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from hybrid.quant import dequantize_int4
-
 try:
     import triton
     import triton.language as tl
@@ -23,9 +21,9 @@ except ImportError:
 def int4_matmul_ref(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                     group: int = 32) -> torch.Tensor:
     """x [T, K] . dequantize(W)^T -> [T, N] in x.dtype (fp32 accumulation)."""
+    from hybrid.quant import dequantize_int4   # the one definition of the format; imported late (no cycle)
     K = x.shape[-1]
-    w = dequantize_int4(weight_packed.cpu() if not weight_packed.is_cuda else weight_packed,
-                        weight_scale, K, group).to(x.device)
+    w = dequantize_int4(weight_packed.cpu(), weight_scale.cpu(), K, group).to(x.device)   # quant.py is CPU code
     return (x.float() @ w.float().T).to(x.dtype)
 
 
