@@ -40,6 +40,23 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+class _ApiKey:
+    """401 for /v1/* without 'Authorization: Bearer KEY'. Plain ASGI (not BaseHTTPMiddleware, which
+    would hide client disconnects from the handlers)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            got = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(got, self.expected):
+                resp = error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                      kind="authentication_error", code="invalid_api_key")
+                return await resp(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def create_app(llm, model_name: str, api_key: str | None = None) -> FastAPI:
     runner = EngineThread(llm.engine)
     defaults = protocol.generation_defaults(llm.model_dir)
@@ -54,14 +71,8 @@ def create_app(llm, model_name: str, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="hybrid", lifespan=lifespan)
     app.state.runner = runner
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            got = request.headers.get("authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
-                return error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                      kind="authentication_error", code="invalid_api_key")
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_ApiKey, api_key=api_key)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
@@ -101,15 +112,17 @@ def create_app(llm, model_name: str, api_key: str | None = None) -> FastAPI:
     async def collect(request: Request, q: asyncio.Queue, rids: list[str]):
         """Wait for every request to finish; abort them all if the client disconnects."""
         done: dict[int, list] = {i: [] for i in range(len(rids))}
-        left = len(rids)
+        left, next_poll = len(rids), time.monotonic() + DISCONNECT_POLL_S
         while left:
-            try:
-                i, item = await asyncio.wait_for(q.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
+            if time.monotonic() >= next_poll:   # deltas may never pause, so poll by the clock
+                next_poll = time.monotonic() + DISCONNECT_POLL_S
                 if await request.is_disconnected():
                     for rid in rids:
                         runner.abort(rid)
                     return None
+            try:
+                i, item = await asyncio.wait_for(q.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
                 continue
             if isinstance(item, EngineError):
                 raise item
@@ -179,8 +192,9 @@ def create_app(llm, model_name: str, api_key: str | None = None) -> FastAPI:
                     if d.type == "tool_call":
                         saw_call = True
                         call = {"index": d.index, "function": {"arguments": d.arguments or ""}}
-                        if d.id is not None:
-                            call.update(id=d.id, type="function", function={"name": d.name, "arguments": ""})
+                        if d.id is not None:       # a call's first delta (may carry arguments already)
+                            call.update(id=d.id, type="function",
+                                        function={"name": d.name, "arguments": d.arguments or ""})
                         delta = {"tool_calls": [call]}
                     else:
                         delta = {"reasoning_content" if d.type == "reasoning" else "content": d.text}
