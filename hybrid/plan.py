@@ -386,11 +386,11 @@ def format_plan(plan: Plan) -> str:
         p = plan.prediction
         how = "experts streamed to the GPU" if p["prefill_experts_streamed"] else "experts on the CPU"
         thr = p["stream_threshold_tokens"]
+        ms = p["decode_step_ms"]
         lines.append(f"predicted: prefill {plan.predicted_prefill_tok_s:.1f} tok/s ({p['prefill_tokens']}-token "
                      f"prompt, {how}" + (f"; streaming pays from {thr} tokens a layer" if thr else "") + "), "
-                     f"decode {plan.predicted_decode_tok_s:.2f} tok/s (step: CPU experts "
-                     f"{p['decode_step_ms']['cpu_experts']:.1f} ms, accelerator "
-                     f"{p['decode_step_ms']['accelerator']:.1f} ms, transfers {p['decode_step_ms']['transfers']:.1f} ms)")
+                     f"decode {plan.predicted_decode_tok_s:.2f} tok/s (step: CPU experts {ms['cpu_experts']:.1f} ms, "
+                     f"accelerator {ms['accelerator']:.1f} ms, transfers {ms['transfers']:.1f} ms)")
     return "\n".join(lines)
 
 
