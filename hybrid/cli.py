@@ -38,6 +38,7 @@ def _sampling_options() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--max-tokens", type=int, default=None, help="per answer (default: until it ends)")
+    g.add_argument("--ignore-eos", action="store_true", help="generate past the end token (benchmarks, tests)")
     return p
 
 
@@ -145,7 +146,7 @@ def _dispatch(args) -> int | None:
         kw = {**generation_defaults(llm.model_dir),
               **{k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}}
         run_chat(llm, thinking=not args.no_think, system=args.system,
-                 sampling=SamplingParams(max_tokens=args.max_tokens, **kw))
+                 sampling=SamplingParams(max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, **kw))
     elif args.command == "serve":
         from .server import serve
         llm = load_llm(args)

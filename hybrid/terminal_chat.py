@@ -80,7 +80,7 @@ def stream_turn(llm, console: Console, messages: list[dict], sampling: SamplingP
     if result is None and deltas:             # stopped: keep what was shown as the turn
         result = ChatResult(accumulate(deltas, thinking), "abort")
     if stopped:
-        console.print("[stopped]", style="yellow")
+        console.print("[stopped]", style="yellow", markup=False)
     if result is not None and result.metrics:
         m = result.metrics
         console.print(f"[{m['completion_tokens']} tokens, {m['decode_tokens_per_s']:.1f} tok/s; "
