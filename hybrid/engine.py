@@ -229,7 +229,11 @@ class LLM:
 
     def __init__(self, model_dir: str | Path, *, device: str = "auto", dtype: torch.dtype | str | None = None,
                  expert_backend: str = "auto", num_threads: int | None = None, max_batch: int = 16,
-                 max_context: int = 4096, max_prefill_tokens: int = 2048, progress: bool = True):
+                 max_context: int = 4096, max_prefill_tokens: int = 2048, gpu_weights: str = "bf16",
+                 check_memory: bool = True, progress: bool = True):
+        """gpu_weights: "bf16" keeps the accelerator-side weights in `dtype`; "int8" / "fp8" quantizes
+        them at load (weight-only, per output channel). check_memory: compare the memory plan with
+        this machine before reading any weight, and stop with the numbers and advice if it cannot fit."""
         self.model_dir = Path(model_dir)
         self.config = load_config(self.model_dir)
         self.device = resolve_device(device)
@@ -238,12 +242,19 @@ class LLM:
                 raise ValueError(f"dtype {dtype!r} unknown; choose one of {', '.join(DTYPE_NAMES)}")
             dtype = DTYPE_NAMES[dtype]
         self.dtype = dtype or default_dtype(self.device)
+        if check_memory:
+            from .plan import check_before_load
+            check_before_load(self.config, context=min(max_context, self.config.max_position_embeddings),
+                              batch=max_batch, gpu_weights=gpu_weights)
         self.checkpoint = Checkpoint(self.model_dir, self.config)
         self.tokenizer = None
         if (self.model_dir / "tiktoken.model").is_file():
             from .tokenizer import Tokenizer
             self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
         self.model = load_model(self.checkpoint, self.device, self.dtype, expert_backend, num_threads, progress)
+        if gpu_weights != "bf16":
+            from .gpu_weights import quantize_model_linears
+            quantize_model_linears(self.model, gpu_weights)
         self.engine = Engine(self.model, self.config, self.tokenizer, self.device, self.dtype, max_batch,
                              max_context, max_prefill_tokens)
         if progress:

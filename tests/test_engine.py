@@ -168,3 +168,17 @@ def test_placement_auto_is_cpu_here_and_experts_stay_on_the_cpu(llm):
     assert sum(summary["accelerator"].values()) >= weights
     assert summary["kv_cache"] == llm.engine.cache.nbytes > 0 and summary["cpu_experts"] > 0
     assert "routed experts on the CPU" in format_placement(summary)
+
+
+def test_load_stops_before_reading_weights_when_the_plan_does_not_fit(tmp_path):
+    """The real K2.6 config (no weights at all): the memory check refuses it on this machine,
+    with the numbers and advice, before touching the (absent) checkpoint files."""
+    import shutil
+
+    from hybrid.plan import PlanError, machine_memory
+    shutil.copy(__import__("pathlib").Path(__file__).parent / "fixtures" / "kimi-k2.6" / "config.json", tmp_path)
+    if machine_memory()["ram_bytes"] > 700 * 2**30:
+        pytest.skip("this machine could hold K2.6's experts")
+    with pytest.raises(PlanError) as e:
+        LLM(tmp_path, progress=False)
+    assert "experts" in str(e.value).lower()
