@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import layout
-from .moe_int4 import HAS_AVX2, down, gate_up, quantize_rows
+from .moe_int4 import combine_slots, down, down_slots, gate_up, quantize_rows, quantize_rows_serial
 from .reference import dequantize_ref, moe_int4_ref
 
 # T tokens, K top-k, E experts, D hidden, I intermediate
@@ -25,6 +25,10 @@ from .reference import dequantize_ref, moe_int4_ref
 _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpu-experts")
 
 ACT_FORMATS = ("int8",)
+FEW_SLOTS = 64         # up to this many (token, expert) slots: decode-style down_slots
+FEW_TOKENS = 16        # up to this many tokens: quantize x on the worker thread itself
+GATE_UP_ROWS = 128     # intermediate rows per gate_up item: 2 contiguous runs of 516 KB at K2.6 size
+DOWN_SLOT_ROWS = 256   # rows per down_slots item (one contiguous 74 KB run of an expert)
 
 
 def _as_np(a, dtype):
@@ -131,21 +135,31 @@ class CPUExperts(_SubmitWait):
         estart = np.zeros(self.E + 1, np.int64)
         np.cumsum(counts, out=estart[1:])
         act_e = np.nonzero(counts)[0].astype(np.int64)
-        nchunk = self.I // 32
+        rows = next(r for r in (GATE_UP_ROWS, 64, 32) if self.I % r == 0)
+        nchunk = self.I // rows
         item_e = np.repeat(act_e, nchunk)
-        item_r0 = np.tile(np.arange(nchunk, dtype=np.int64) * 32, act_e.shape[0])
+        item_r0 = np.tile(np.arange(nchunk, dtype=np.int64) * rows, act_e.shape[0])
         # interleave experts so that a static split gives each thread a similar mix
         perm = np.argsort(np.tile(np.arange(nchunk), act_e.shape[0]), kind="stable")
         item_e, item_r0 = item_e[perm], item_r0[perm]
 
         xq = np.empty((T, self.D), np.int8)
         xasc = np.empty((T, 2 * self.D // 32), np.float32)
-        quantize_rows(x, xq, xasc)
+        (quantize_rows_serial if T <= FEW_TOKENS else quantize_rows)(x, xq, xasc)
         S = T * K
         hq = np.empty((S, self.I), np.int8)
         hasc = np.empty((S, 2 * self.I // 32), np.float32)
-        gate_up(self.wg, self.wu, xq, xasc, slot_tok, estart, item_e, item_r0, hq, hasc)
-        down(self.wd, hq, hasc, slot_tok, slot_w, act_e, estart, y)
+        gate_up(self.wg, self.wu, xq, xasc, slot_tok, estart, item_e, item_r0, rows, hq, hasc)
+        if S <= FEW_SLOTS:
+            rows = next(r for r in (DOWN_SLOT_ROWS, 128, 64, 32) if self.D % r == 0)
+            nd = self.D // rows
+            d_e = np.tile(act_e, nd)  # interleaved: thread shares of the static split mix experts
+            d_r0 = np.repeat(np.arange(nd, dtype=np.int64) * rows, act_e.shape[0])
+            out = np.empty((S, self.D), np.float32)
+            down_slots(self.wd, hq, hasc, estart, d_e, d_r0, rows, out)
+            combine_slots(out, slot_tok, slot_w, y)
+        else:
+            down(self.wd, hq, hasc, slot_tok, slot_w, act_e, estart, y)
         return y
 
 

@@ -24,6 +24,8 @@ Decode (T=1) and prefill share this code; the caller (``experts.py``) sorts the 
 by expert. On CPUs without AVX2 the IR uses generic vector operations instead.
 Checked by tests/test_cpu_kernels.py; speed by tools/bench_experts.py.
 """
+import os
+
 import numpy as np
 from numba import njit, prange, types
 from numba.core import cgutils
@@ -35,6 +37,7 @@ GROUP = 32
 TILE = 8              # rows per tile = fp32 lanes of one AVX2 register
 BLOCK = 144           # bytes per (tile, group): 128 nibble bytes + 8 bf16 scales
 ROWS_PER_ITEM = 32    # rows per work item (= one group of h, so gate_up can quantize it)
+PREFETCH = int(os.environ.get("HYBRID_PREFETCH", "8192"))  # bytes ahead in the weight stream; 0: off
 HAS_AVX2 = bool(llvm.get_host_cpu_features().get("avx2", False))
 
 _i8, _i16, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
@@ -123,6 +126,12 @@ def _make_dot_tile(nt):
 
             builder.position_at_end(body)
             bofs = builder.mul(g, ir.Constant(_i64, BLOCK))
+            if PREFETCH:  # software prefetch PREFETCH bytes ahead: 3 lines cover one 144-byte step
+                pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+                    ir.VoidType(), [i8p, _i32, _i32, _i32]), "llvm.prefetch.p0i8")
+                for d in (0, 64, 128):
+                    addr = builder.gep(wp, [builder.add(bofs, ir.Constant(_i64, PREFETCH + d))])
+                    builder.call(pf, [addr, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
             lo, hi = [], []
             for j in range(4):
                 v = _gep_load(builder, wp, builder.add(bofs, ir.Constant(_i64, 32 * j)), _v32i8)
@@ -210,12 +219,13 @@ def _dots(wp, G, nt, xb, xs, ab, as_, toks, s, ob):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def gate_up(wg, wu, xq, xasc, slot_tok, estart, item_e, item_r0, hq, hasc):
+def gate_up(wg, wu, xq, xasc, slot_tok, estart, item_e, item_r0, rows_per_item, hq, hasc):
     """Stage 1: h = silu(gate x) * up x for every slot, quantized to int8 into (hq, hasc).
 
     wg/wu uint8 [E, I/8, GD, 144]; xq int8 [T, D], xasc f32 [T, 2*GD]; slots sorted by expert:
     expert e owns slots estart[e]:estart[e+1], of token slot_tok[s]; item i = rows
-    item_r0[i]:+32 of expert item_e[i]; hq int8 [S, I], hasc f32 [S, 2*I/32]."""
+    item_r0[i]:+rows_per_item (a multiple of 32) of expert item_e[i]; hq int8 [S, I],
+    hasc f32 [S, 2*I/32]."""
     ntile, GD = wg.shape[1], wg.shape[2]
     GI = ntile * TILE // GROUP
     tb = np.int64(GD) * BLOCK  # bytes per tile
@@ -226,14 +236,14 @@ def gate_up(wg, wu, xq, xasc, slot_tok, estart, item_e, item_r0, hq, hasc):
         e = item_e[it]
         r0 = item_r0[it]
         s0, s1 = estart[e], estart[e + 1]
-        h = np.empty((s1 - s0, ROWS_PER_ITEM), np.float32)
+        h = np.empty((s1 - s0, rows_per_item), np.float32)
         ob = np.empty(32, np.float32)
         og = np.empty(32, np.float32)
         obp = np.int64(ob.ctypes.data)
         s = s0
         while s < s1:
             nt = 4 if s1 - s >= 4 else (2 if s1 - s >= 2 else 1)
-            for tl in range(ROWS_PER_ITEM // TILE):
+            for tl in range(rows_per_item // TILE):
                 tile = np.int64(e) * ntile + r0 // TILE + tl
                 _dots(wgb + tile * tb, GD, nt, xb, xs, ab, as_, slot_tok, s, obp)
                 og[:] = ob
@@ -244,7 +254,8 @@ def gate_up(wg, wu, xq, xasc, slot_tok, estart, item_e, item_r0, hq, hasc):
                         h[s + j - s0, 8 * tl + r] = gv / (np.float32(1.0) + np.exp(-gv)) * ob[8 * j + r]
             s += nt
         for j in range(s1 - s0):
-            _quantize_group(h, j, 0, hq, s0 + j, hasc, s0 + j, r0 // GROUP, GI)
+            for q in range(rows_per_item // GROUP):
+                _quantize_group(h, j, GROUP * q, hq, s0 + j, hasc, s0 + j, r0 // GROUP + q, GI)
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -280,3 +291,53 @@ def down(wd, hq, hasc, slot_tok, slot_w, act_e, estart, y):
                         for r in range(TILE):
                             y[tok, 8 * t8 + r] += wgt * ob[8 * j + r]
                 s += nt
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def down_slots(wd, hq, hasc, estart, item_e, item_r0, rows_per_item, out):
+    """Stage 2 for few slots (decode): out[s, r] = down_e . h_s, items = (expert, rows).
+
+    Each item streams one contiguous run of an expert's rows (long runs suit the hardware
+    prefetchers better than ``down``'s 8 experts x 32 rows); the caller adds w_s * out[s]."""
+    ntile, GI = wd.shape[1], wd.shape[2]
+    tb = np.int64(GI) * BLOCK
+    wdb = np.int64(wd.ctypes.data)
+    hb, ab = np.int64(hq.ctypes.data), np.int64(hasc.ctypes.data)
+    hs, as_ = np.int64(hq.shape[1]), np.int64(hasc.shape[1] * 4)
+    for it in prange(item_e.shape[0]):
+        e = item_e[it]
+        r0 = item_r0[it]
+        s0, s1 = estart[e], estart[e + 1]
+        ob = np.empty(32, np.float32)
+        obp = np.int64(ob.ctypes.data)
+        ids = np.empty(4, np.int64)
+        s = s0
+        while s < s1:
+            nt = 4 if s1 - s >= 4 else (2 if s1 - s >= 2 else 1)
+            for j in range(nt):
+                ids[j] = s + j
+            for t8 in range(r0 // TILE, (r0 + rows_per_item) // TILE):
+                _dots(wdb + (np.int64(e) * ntile + t8) * tb, GI, nt, hb, hs, ab, as_, ids, 0, obp)
+                for j in range(nt):
+                    for r in range(TILE):
+                        out[s + j, 8 * t8 + r] = ob[8 * j + r]
+            s += nt
+
+
+@njit(nogil=True, cache=True)
+def combine_slots(out, slot_tok, slot_w, y):
+    """y[slot_tok[s]] += slot_w[s] * out[s] (after down_slots; a few slots, calling thread)."""
+    for s in range(out.shape[0]):
+        t = slot_tok[s]
+        w = slot_w[s]
+        for r in range(out.shape[1]):
+            y[t, r] += w * out[s, r]
+
+
+@njit(nogil=True, cache=True)
+def quantize_rows_serial(x, xq, asc):
+    """quantize_rows on the calling thread (a few tokens: cheaper than waking the pool)."""
+    G = x.shape[1] // 32
+    for i in range(x.shape[0]):
+        for g in range(G):
+            _quantize_group(x, i, 32 * g, xq, i, asc, i, g, G)
