@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_kernels.mla_decode import mla_decode
+
 from .config import ModelConfig
 
 
@@ -113,7 +115,7 @@ class MLAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch,
                 cache=None, absorb: bool | None = None) -> torch.Tensor:
-        """absorb: True/False forces a form; None picks per sequence (absorbed for 1-token decode)."""
+        """absorb: True/False forces a form; None: plain for prompts, absorbed for 1-token decode steps."""
         T = x.shape[0]
         if hasattr(self, "q_a_proj"):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -127,22 +129,43 @@ class MLAttention(nn.Module):
         q_pe = Rope.apply(q_pe, cos, sin)
         k_pe = Rope.apply(k_pe, cos, sin)
 
-        outs = []
+        o = q_nope.new_empty(T, self.h, self.vd)
+        decode_rows, decode_slots, decode_lens = [], [], []
         offset = 0
         for slot, start, n in zip(batch.slots, batch.starts, batch.lengths):
             tok = slice(offset, offset + n)
             offset += n
-            if cache is not None:
-                cache.write(self.layer_idx, slot, start, c_kv[tok], k_pe[tok])
-                keys_c, keys_pe = cache.read(self.layer_idx, slot, start + n)   # [L, R], [L, P]
-            else:
+            if cache is None:
                 assert start == 0, "without a cache every sequence starts at position 0"
                 keys_c, keys_pe = c_kv[tok], k_pe[tok]
-            use_absorbed = (n == 1 and cache is not None) if absorb is None else absorb
-            attend = self._absorbed if use_absorbed else self._plain
-            outs.append(attend(q_nope[tok], q_pe[tok], keys_c, keys_pe, start))
-        o = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]           # [T, H, V]
+            else:
+                cache.write(self.layer_idx, slot, start, c_kv[tok], k_pe[tok])
+                if n == 1 and absorb is not False:       # decode: batched below, over the latent cache
+                    decode_rows.append(tok.start)
+                    decode_slots.append(slot)
+                    decode_lens.append(start + 1)
+                    continue
+                keys_c, keys_pe = cache.read(self.layer_idx, slot, start + n)   # [L, R], [L, P]
+            attend = self._absorbed if absorb else self._plain
+            o[tok] = attend(q_nope[tok], q_pe[tok], keys_c, keys_pe, start)
+        if decode_rows:
+            rows = torch.tensor(decode_rows, device=x.device)
+            o[rows] = self._decode(q_nope[rows], q_pe[rows], cache, decode_slots, decode_lens)
         return self.o_proj(o.reshape(T, self.h * self.vd))
+
+    def _w_uk_uv(self):
+        w = self.kv_b_proj.weight.view(self.h, self.nope + self.vd, self.r)
+        return w[:, :self.nope], w[:, self.nope:]                               # [H, nope, R], [H, V, R]
+
+    def _decode(self, q_nope, q_pe, cache, slots, lengths):
+        """B one-token sequences in the absorbed form, one call over the latent cache
+        (gpu_kernels.mla_decode: Triton on CUDA, its torch reference elsewhere)."""
+        w_uk, w_uv = self._w_uk_uv()
+        q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)                       # [B, H, R]
+        dev = q_nope.device
+        o_lat = mla_decode(q_lat, q_pe, cache.ckv[self.layer_idx], cache.kpe[self.layer_idx],
+                           torch.tensor(slots, device=dev), torch.tensor(lengths, device=dev), self.scale)
+        return torch.einsum("bhr,hvr->bhv", o_lat.to(q_nope.dtype), w_uv)          # [B, H, V]
 
     def _causal_softmax(self, scores: torch.Tensor, start: int) -> torch.Tensor:
         """scores [H, n, L] for queries at positions start.. over keys 0..L-1 -> probabilities."""
@@ -162,8 +185,7 @@ class MLAttention(nn.Module):
         return torch.einsum("hnl,lhv->nhv", probs, v)                       # [n, H, V]
 
     def _absorbed(self, q_nope, q_pe, keys_c, keys_pe, start):
-        w = self.kv_b_proj.weight.view(self.h, self.nope + self.vd, self.r)
-        w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]                     # [H, nope, R], [H, V, R]
+        w_uk, w_uv = self._w_uk_uv()
         q_lat = torch.einsum("nhd,hdr->nhr", q_nope, w_uk)                  # [n, H, R]
         scores = (torch.einsum("nhr,lr->hnl", q_lat, keys_c)
                   + torch.einsum("nhp,lp->hnl", q_pe, keys_pe)) * self.scale
