@@ -208,10 +208,13 @@ def run_batch(llm, input_path, output_path, max_tokens: int | None = None, progr
                     bar.update(1)
             bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.1f} tok/s", refresh=False)
     finally:                                   # Ctrl-C: what finished is on disk; the rest reruns
-        for rid in live:
-            engine.abort(rid)
-        if live:
-            engine.step()
+        try:
+            for rid in live:
+                engine.abort(rid)
+            if live:
+                engine.step()          # drops them (no forward runs for aborted requests)
+        except Exception:              # after Ctrl-C inside a step the engine may be mid-update
+            pass
         bar.close()
         writer.f.close()
     counts["tokens_per_s"] = n_tokens / max(time.perf_counter() - t0, 1e-9)

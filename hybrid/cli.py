@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:                        # bad user input: say what, no traceback
         print(f"hybrid {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nhybrid {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _dispatch(args) -> int | None:

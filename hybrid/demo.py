@@ -36,7 +36,10 @@ def ensure_tiny_checkpoint(console: Console) -> Path:
     t0 = time.perf_counter()
     write_checkpoint(tmp, "tiny")
     shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    try:
+        tmp.rename(path)
+    except OSError:                    # another demo finished writing it first
+        shutil.rmtree(tmp, ignore_errors=True)
     console.print(f"checkpoint: wrote the tiny synthetic checkpoint to {path} in {time.perf_counter() - t0:.1f} s")
     return path
 

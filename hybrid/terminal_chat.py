@@ -96,6 +96,11 @@ def stream_turn(llm, console: Console, messages: list[dict], sampling: SamplingP
 def _lines(console: Console, prompt: str):
     """User input: rich's prompt on a terminal, plain lines from a pipe. Ends at EOF."""
     tty = sys.stdin.isatty()
+    if tty:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
     while True:
         try:
             line = console.input(prompt) if tty else sys.stdin.readline()
