@@ -157,6 +157,8 @@ def _dispatch(args) -> int | None:
         serve(llm, name, args.host, args.port, args.api_key, args.log_level)
     elif args.command == "batch":
         from .batch import CRASH_ENV, run_batch
+        if not Path(args.input).is_file():         # before minutes of loading
+            raise ValueError(f"--input {args.input}: no such file")
         llm = load_llm(args, progress=not args.no_progress)
         crash = os.environ.get(CRASH_ENV)
         counts = run_batch(llm, args.input, args.output, args.max_tokens, progress=not args.no_progress,
