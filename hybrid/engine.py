@@ -230,9 +230,10 @@ class LLM:
     def __init__(self, model_dir: str | Path, *, device: str = "auto", dtype: torch.dtype | str | None = None,
                  expert_backend: str = "auto", num_threads: int | None = None, max_batch: int = 16,
                  max_context: int = 4096, max_prefill_tokens: int = 2048, gpu_weights: str = "bf16",
-                 check_memory: bool = True, progress: bool = True):
+                 gpu_experts: int = 0, check_memory: bool = True, progress: bool = True):
         """gpu_weights: "bf16" keeps the accelerator-side weights in `dtype`; "int8" / "fp8" quantizes
-        them at load (weight-only, per output channel). check_memory: compare the memory plan with
+        them at load (weight-only, per output channel). gpu_experts: keep the N most used routed
+        experts of MODEL_DIR/routing_profile.json (`hybrid profile`) on the accelerator. check_memory: compare the memory plan with
         this machine before reading any weight, and stop with the numbers and advice if it cannot fit."""
         self.model_dir = Path(model_dir)
         self.config = load_config(self.model_dir)
@@ -245,7 +246,7 @@ class LLM:
         if check_memory:
             from .plan import check_before_load
             check_before_load(self.config, context=min(max_context, self.config.max_position_embeddings),
-                              batch=max_batch, gpu_weights=gpu_weights)
+                              batch=max_batch, gpu_weights=gpu_weights, gpu_experts=gpu_experts)
         self.checkpoint = Checkpoint(self.model_dir, self.config)
         self.tokenizer = None
         if (self.model_dir / "tiktoken.model").is_file():
@@ -255,6 +256,9 @@ class LLM:
         if gpu_weights != "bf16":
             from .gpu_weights import quantize_model_linears
             quantize_model_linears(self.model, gpu_weights)
+        if gpu_experts:
+            from .hot_experts import attach_hot_experts
+            attach_hot_experts(self, gpu_experts)
         self.engine = Engine(self.model, self.config, self.tokenizer, self.device, self.dtype, max_batch,
                              max_context, max_prefill_tokens)
         if progress:

@@ -1,0 +1,209 @@
+"""Hot experts: routing frequency per (layer, expert) counted on real prompts, and the N most used
+routed experts kept on the accelerator (INT4, gpu_kernels.int4_matmul) while the rest stay on the CPU.
+
+  hybrid profile MODEL_DIR --prompts FILE     -> MODEL_DIR/routing_profile.json (or --output)
+  hybrid chat|serve|batch MODEL_DIR --gpu-experts N     (LLM(..., gpu_experts=N))
+
+`HotExperts` wraps one MoE layer's expert scheduler behind the same submit/wait interface: the
+assignments of hot experts are taken out of the CPU's work (replaced by a zero-weight duplicate of
+one of the token's cold experts, so the CPU kernels keep their fixed top-k shape and read no extra
+expert), the CPU starts on the rest, and the accelerator computes the hot ones meanwhile.
+Checked by tests/test_hot_experts.py.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gpu_kernels.int4_matmul import int4_matmul
+
+PROFILE_FILE = "routing_profile.json"
+
+
+class RoutingCounter:
+    """Counts the experts every router picks while enabled (a forward hook on each Router)."""
+
+    def __init__(self, model):
+        self.counts: dict[int, torch.Tensor] = {}
+        self.tokens = 0
+        self._handles = []
+        for i, layer in enumerate(model.model.layers):
+            gate = getattr(layer.mlp, "gate", None)
+            if gate is not None:
+                self.counts[i] = torch.zeros(gate.weight.shape[0], dtype=torch.long)
+                self._handles.append(gate.register_forward_hook(self._hook(i)))
+
+    def _hook(self, layer: int):
+        def hook(module, args, output):
+            ids = output[0].cpu()
+            self.counts[layer] += torch.bincount(ids.flatten(), minlength=self.counts[layer].numel())
+            if layer == min(self.counts):
+                self.tokens += ids.shape[0]
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def to_json(self) -> dict:
+        return {"tokens": self.tokens, "layers": {str(i): c.tolist() for i, c in self.counts.items()}}
+
+
+def load_profile(path: str | Path) -> dict[int, torch.Tensor]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        return {int(k): torch.tensor(v, dtype=torch.long) for k, v in data["layers"].items()}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a routing profile written by `hybrid profile` ({e})") from None
+
+
+def choose_hot(profile: dict[int, torch.Tensor], n: int) -> dict[int, list[int]]:
+    """The n most used (layer, expert) pairs overall, as {layer: [experts]}."""
+    pairs = [(int(c), layer, e) for layer, counts in profile.items() for e, c in enumerate(counts.tolist())]
+    pairs.sort(key=lambda p: (-p[0], p[1], p[2]))
+    hot: dict[int, list[int]] = {}
+    for _, layer, e in pairs[:n]:
+        hot.setdefault(layer, []).append(e)
+    return {layer: sorted(es) for layer, es in hot.items()}
+
+
+class HotExperts:
+    """Routed experts of one layer split between the accelerator (hot) and the CPU scheduler (the rest)."""
+
+    def __init__(self, cpu, hot: dict[int, tuple], device: torch.device, num_experts: int):
+        """hot: expert -> (gate_packed, gate_scale, up_packed, up_scale, down_packed, down_scale) as stored."""
+        self.cpu, self.device = cpu, device
+        self.weights = {e: tuple(t.to(device) for t in ws) for e, ws in hot.items()}
+        self.is_hot = torch.zeros(num_experts, dtype=torch.bool)
+        self.is_hot[list(hot)] = True
+        self._hot_out = None
+
+    def __getattr__(self, name):
+        return getattr(self.cpu, name)
+
+    @property
+    def nbytes_gpu(self) -> int:
+        return sum(t.numel() * t.element_size() for ws in self.weights.values() for t in ws)
+
+    def split(self, ids: torch.Tensor, weights: torch.Tensor):
+        """CPU ids/weights with hot assignments replaced by a zero-weight copy of a cold one."""
+        hot = self.is_hot[ids.cpu()].to(ids.device)                       # [T, K]
+        if not hot.any():
+            return ids, weights, hot
+        cold_first = torch.where(hot, ids.new_full((), 2**62), ids).min(dim=1, keepdim=True).values
+        cold_first = torch.where(cold_first == 2**62, ids[:, :1], cold_first)  # every expert hot: any id, weight 0
+        return torch.where(hot, cold_first, ids), torch.where(hot, 0.0, weights), hot
+
+    def _hot_forward(self, x, ids, weights, hot) -> torch.Tensor | None:
+        if not hot.any():
+            return None
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        for e in ids[hot].unique().tolist():
+            tok, k = torch.where((ids == e) & hot)
+            gp, gs, up, us, dp, ds = self.weights[e]
+            xe = x[tok]
+            h = F.silu(int4_matmul(xe, gp, gs)) * int4_matmul(xe, up, us)
+            y = int4_matmul(h.to(x.dtype), dp, ds).float()
+            out.index_add_(0, tok, y * weights[tok, k, None].float())
+        return out
+
+    def submit(self, x, topk_ids, topk_weights):
+        cpu_ids, cpu_w, hot = self.split(topk_ids, topk_weights)
+        self.cpu.submit(x, cpu_ids, cpu_w)                             # the CPU starts on the cold experts
+        self._hot_out = self._hot_forward(x, topk_ids, topk_weights, hot)   # the accelerator meanwhile
+
+    def wait(self) -> torch.Tensor:
+        y = self.cpu.wait()
+        hot, self._hot_out = self._hot_out, None
+        return y if hot is None else y.to(hot.device) + hot
+
+    def forward(self, x, topk_ids, topk_weights):
+        self.submit(x, topk_ids, topk_weights)
+        return self.wait()
+
+
+def attach_hot_experts(llm, n: int, profile_path: str | Path | None = None) -> dict[int, list[int]]:
+    """Keep the n most used experts of the routing profile on the accelerator."""
+    path = Path(profile_path) if profile_path else llm.model_dir / PROFILE_FILE
+    if not path.is_file():
+        raise ValueError(f"--gpu-experts needs a routing profile: {path} not found "
+                         f"(run `hybrid profile {llm.model_dir} --prompts FILE` first)")
+    hot = choose_hot(load_profile(path), n)
+    c = llm.config
+    shapes = {"gate_proj": (c.moe_intermediate_size, c.hidden_size), "up_proj": (c.moe_intermediate_size, c.hidden_size),
+              "down_proj": (c.hidden_size, c.moe_intermediate_size)}
+    for layer, experts in hot.items():
+        moe = llm.model.model.layers[layer].mlp
+        stored = {}
+        for e in experts:
+            parts = []
+            for proj, (rows, cols) in shapes.items():
+                module = f"model.layers.{layer}.mlp.experts.{e}.{proj}"
+                if llm.checkpoint.weight_format(module) != "int4":
+                    raise ValueError(f"--gpu-experts supports INT4 checkpoints; {module} is not INT4")
+                parts.extend(llm.checkpoint.int4(module, rows, cols))
+            stored[e] = tuple(parts)
+        moe.experts = HotExperts(moe.experts, stored, llm.device, c.n_routed_experts)
+    return hot
+
+
+def read_prompts(path: str | Path) -> list:
+    """One prompt per line: plain text, or JSON objects with "prompt" (text or ids) or "messages"."""
+    prompts = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            if "messages" in obj:
+                prompts.append({"messages": obj["messages"]})
+            elif "prompt" in obj:
+                prompts.append(obj["prompt"])
+            else:
+                raise ValueError(f"{path}:{n}: needs a 'prompt' or 'messages' field")
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def profile_routing(llm, prompts: list, max_tokens: int = 16) -> RoutingCounter:
+    """Route the prompts (and max_tokens generated tokens each) and count the experts chosen."""
+    from .sampling import SamplingParams
+    counter = RoutingCounter(llm.model)
+    try:
+        ids = [llm.chat_prompt_ids(p["messages"]) if isinstance(p, dict) else llm._prompt_ids(p) for p in prompts]
+        llm.generate(ids, SamplingParams(temperature=0, max_tokens=max_tokens))
+    finally:
+        counter.remove()
+    return counter
+
+
+def cli_profile(argv=None) -> int:
+    """`hybrid profile MODEL_DIR --prompts FILE [--max-tokens N] [--output PATH]`."""
+    import argparse
+
+    from .engine import LLM
+    ap = argparse.ArgumentParser(prog="hybrid profile", description="count routed-expert use on real prompts "
+                                 "(for --gpu-experts N)")
+    ap.add_argument("model_dir")
+    ap.add_argument("--prompts", required=True, help="text lines, or JSONL with prompt / messages")
+    ap.add_argument("--max-tokens", type=int, default=16, help="tokens generated per prompt (their routing counts)")
+    ap.add_argument("--output", help=f"default: MODEL_DIR/{PROFILE_FILE}")
+    ap.add_argument("--expert-backend", default="auto")
+    args = ap.parse_args(argv)
+    prompts = read_prompts(args.prompts)
+    llm = LLM(args.model_dir, expert_backend=args.expert_backend)
+    counter = profile_routing(llm, prompts, args.max_tokens)
+    out = Path(args.output) if args.output else Path(args.model_dir) / PROFILE_FILE
+    out.write_text(json.dumps(counter.to_json()))
+    print(f"routed {counter.tokens} tokens of {len(prompts)} prompts; wrote {out}")
+    return 0
