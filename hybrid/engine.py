@@ -230,10 +230,13 @@ class LLM:
     def __init__(self, model_dir: str | Path, *, device: str = "auto", dtype: torch.dtype | str | None = None,
                  expert_backend: str = "auto", num_threads: int | None = None, max_batch: int = 16,
                  max_context: int = 4096, max_prefill_tokens: int = 2048, gpu_weights: str = "bf16",
-                 gpu_experts: int = 0, check_memory: bool = True, progress: bool = True):
+                 gpu_experts: int = 0, expert_streaming: str = "off", expert_rates=None,
+                 check_memory: bool = True, progress: bool = True):
         """gpu_weights: "bf16" keeps the accelerator-side weights in `dtype`; "int8" / "fp8" quantizes
         them at load (weight-only, per output channel). gpu_experts: keep the N most used routed
-        experts of MODEL_DIR/routing_profile.json (`hybrid profile`) on the accelerator. check_memory: compare the memory plan with
+        experts of MODEL_DIR/routing_profile.json (`hybrid profile`) on the accelerator.
+        expert_streaming: "off" | "auto" (per-layer cost model fed by expert_rates, see
+        hybrid/expert_streaming.py; CPU-only machines always keep the CPU) | "always". check_memory: compare the memory plan with
         this machine before reading any weight, and stop with the numbers and advice if it cannot fit."""
         self.model_dir = Path(model_dir)
         self.config = load_config(self.model_dir)
@@ -256,9 +259,9 @@ class LLM:
         if gpu_weights != "bf16":
             from .gpu_weights import quantize_model_linears
             quantize_model_linears(self.model, gpu_weights)
-        if gpu_experts:
-            from .hot_experts import attach_hot_experts
-            attach_hot_experts(self, gpu_experts)
+        if gpu_experts or expert_streaming != "off":
+            from .hot_experts import attach_accelerator_experts
+            attach_accelerator_experts(self, gpu_experts, expert_streaming, expert_rates)
         self.engine = Engine(self.model, self.config, self.tokenizer, self.device, self.dtype, max_batch,
                              max_context, max_prefill_tokens)
         if progress:

@@ -1,5 +1,12 @@
-"""Hot experts: routing frequency per (layer, expert) counted on real prompts, and the N most used
+"""Routed experts on the accelerator: hot experts and long-prefill streaming.
+
+Hot experts: routing frequency per (layer, expert) counted on real prompts, and the N most used
 routed experts kept on the accelerator (INT4, gpu_kernels.int4_matmul) while the rest stay on the CPU.
+Streaming: when a layer sees many tokens, the cost model of hybrid/expert_streaming.py may decide
+to copy the experts the step routes to (read from the checkpoint's memory map) to the accelerator
+and multiply there instead of on the CPU; `expert_streaming="always"` forces it (the same code runs
+on the CPU, which is how tests check it). Layer l+1's copy is not yet overlapped with layer l's
+compute: the DoubleBuffer bookkeeping of expert_streaming.py is tested, not wired in.
 
   hybrid profile MODEL_DIR --prompts FILE     -> MODEL_DIR/routing_profile.json (or --output)
   hybrid chat|serve|batch MODEL_DIR --gpu-experts N     (LLM(..., gpu_experts=N))
@@ -74,10 +81,13 @@ def choose_hot(profile: dict[int, torch.Tensor], n: int) -> dict[int, list[int]]
 class HotExperts:
     """Routed experts of one layer split between the accelerator (hot) and the CPU scheduler (the rest)."""
 
-    def __init__(self, cpu, hot: dict[int, tuple], device: torch.device, num_experts: int):
-        """hot: expert -> (gate_packed, gate_scale, up_packed, up_scale, down_packed, down_scale) as stored."""
-        self.cpu, self.device = cpu, device
+    def __init__(self, cpu, hot: dict[int, tuple], device: torch.device, num_experts: int,
+                 layer: int = -1, policy=None, fetch=None):
+        """hot: expert -> (gate_packed, gate_scale, up_packed, up_scale, down_packed, down_scale) as stored.
+        policy / fetch: a StreamingPolicy and `fetch(e)` giving an expert's stored tensors, for streaming."""
+        self.cpu, self.device, self.layer, self.policy, self.fetch = cpu, device, layer, policy, fetch
         self.weights = {e: tuple(t.to(device) for t in ws) for e, ws in hot.items()}
+        self._streamed = False
         self.is_hot = torch.zeros(num_experts, dtype=torch.bool)
         self.is_hot[list(hot)] = True
         self._hot_out = None
@@ -104,7 +114,10 @@ class HotExperts:
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
         for e in ids[hot].unique().tolist():
             tok, k = torch.where((ids == e) & hot)
-            gp, gs, up, us, dp, ds = self.weights[e]
+            ws = self.weights.get(e)
+            if ws is None:                                   # streamed: copied in for this step only
+                ws = tuple(t.to(self.device, non_blocking=True) for t in self.fetch(e))
+            gp, gs, up, us, dp, ds = ws
             xe = x[tok]
             h = F.silu(int4_matmul(xe, gp, gs)) * int4_matmul(xe, up, us)
             y = int4_matmul(h.to(x.dtype), dp, ds).float()
@@ -112,11 +125,18 @@ class HotExperts:
         return out
 
     def submit(self, x, topk_ids, topk_weights):
+        self._streamed = self.policy is not None and self.policy.decide(self.layer, x.shape[0]).stream
+        if self._streamed:                                   # every assignment on the accelerator
+            self._hot_out = self._hot_forward(x, topk_ids, topk_weights, torch.ones_like(topk_ids, dtype=torch.bool))
+            return
         cpu_ids, cpu_w, hot = self.split(topk_ids, topk_weights)
         self.cpu.submit(x, cpu_ids, cpu_w)                             # the CPU starts on the cold experts
         self._hot_out = self._hot_forward(x, topk_ids, topk_weights, hot)   # the accelerator meanwhile
 
     def wait(self) -> torch.Tensor:
+        if self._streamed:
+            out, self._hot_out = self._hot_out, None
+            return out
         y = self.cpu.wait()
         hot, self._hot_out = self._hot_out, None
         return y if hot is None else y.to(hot.device) + hot
@@ -126,28 +146,56 @@ class HotExperts:
         return self.wait()
 
 
-def attach_hot_experts(llm, n: int, profile_path: str | Path | None = None) -> dict[int, list[int]]:
-    """Keep the n most used experts of the routing profile on the accelerator."""
-    path = Path(profile_path) if profile_path else llm.model_dir / PROFILE_FILE
-    if not path.is_file():
-        raise ValueError(f"--gpu-experts needs a routing profile: {path} not found "
-                         f"(run `hybrid profile {llm.model_dir} --prompts FILE` first)")
-    hot = choose_hot(load_profile(path), n)
+class AlwaysStream:
+    """A policy that streams every layer (expert_streaming="always")."""
+
+    def decide(self, layer, n_tokens, experts_hit=None):
+        from .expert_streaming import Decision
+        return Decision(layer, n_tokens, True, float("nan"), float("nan"))
+
+
+def attach_accelerator_experts(llm, gpu_experts: int = 0, streaming: str = "off", rates=None,
+                               profile_path: str | Path | None = None) -> dict[int, list[int]]:
+    """Wrap every MoE layer's experts: the `gpu_experts` most used of the routing profile resident on
+    the accelerator, and streaming per the cost model ("auto": with `rates`, never without a GPU)."""
+    if streaming not in ("off", "auto", "always"):
+        raise ValueError(f"expert_streaming {streaming!r} unknown; choose off, auto, always")
     c = llm.config
+    hot: dict[int, list[int]] = {}
+    if gpu_experts:
+        path = Path(profile_path) if profile_path else llm.model_dir / PROFILE_FILE
+        if not path.is_file():
+            raise ValueError(f"--gpu-experts needs a routing profile: {path} not found "
+                             f"(run `hybrid profile {llm.model_dir} --prompts FILE` first)")
+        hot = choose_hot(load_profile(path), gpu_experts)
+    policy = None
+    if streaming == "always":
+        policy = AlwaysStream()
+    elif streaming == "auto":
+        from .expert_streaming import LayerShape, Rates, StreamingPolicy
+        rates = Rates(**rates) if isinstance(rates, dict) else rates
+        policy = StreamingPolicy(rates if llm.device.type == "cuda" else None, LayerShape.from_config(c))
     shapes = {"gate_proj": (c.moe_intermediate_size, c.hidden_size), "up_proj": (c.moe_intermediate_size, c.hidden_size),
               "down_proj": (c.hidden_size, c.moe_intermediate_size)}
-    for layer, experts in hot.items():
-        moe = llm.model.model.layers[layer].mlp
-        stored = {}
-        for e in experts:
+
+    def fetcher(layer):
+        def fetch(e):
             parts = []
             for proj, (rows, cols) in shapes.items():
                 module = f"model.layers.{layer}.mlp.experts.{e}.{proj}"
                 if llm.checkpoint.weight_format(module) != "int4":
-                    raise ValueError(f"--gpu-experts supports INT4 checkpoints; {module} is not INT4")
+                    raise ValueError(f"experts on the accelerator need INT4 checkpoints; {module} is not INT4")
                 parts.extend(llm.checkpoint.int4(module, rows, cols))
-            stored[e] = tuple(parts)
-        moe.experts = HotExperts(moe.experts, stored, llm.device, c.n_routed_experts)
+            return tuple(parts)
+        return fetch
+
+    for layer in range(c.num_hidden_layers):
+        if not c.is_moe_layer(layer) or (layer not in hot and policy is None):
+            continue
+        moe = llm.model.model.layers[layer].mlp
+        fetch = fetcher(layer)
+        resident = {e: fetch(e) for e in hot.get(layer, [])}
+        moe.experts = HotExperts(moe.experts, resident, llm.device, c.n_routed_experts, layer, policy, fetch)
     return hot
 
 

@@ -72,3 +72,23 @@ def test_bad_profile_file(tmp_path):
     p.write_text("{oops")
     with pytest.raises(ValueError, match="not a routing profile"):
         load_profile(p)
+
+
+def test_streamed_experts_give_the_same_logits(tiny_dir):
+    """expert_streaming="always": every layer's routed experts copied from the checkpoint and run by
+    the accelerator path (int4_matmul) instead of the CPU backend — same logits."""
+    prompt = list(range(3, 40))
+    plain = LLM(tiny_dir, expert_backend="torch", progress=False).score(prompt)
+    streamed = LLM(tiny_dir, expert_backend="torch", progress=False, expert_streaming="always").score(prompt)
+    assert (plain - streamed).abs().max() <= 1e-4 * plain.abs().max()
+
+
+def test_auto_streaming_keeps_the_cpu_without_a_gpu(tiny_dir, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="hybrid.expert_streaming")
+    rates = {"pcie_gbs": 25.0, "gpu_int4_gflops": 1e5, "cpu_kernel_gbs": 20.0, "cpu_gflops": 200.0}
+    llm = LLM(tiny_dir, expert_backend="torch", progress=False, expert_streaming="auto", expert_rates=rates)
+    if llm.device.type == "cpu":
+        assert "no GPU" in caplog.text
+        layer = next(la for la in llm.model.model.layers if isinstance(getattr(la.mlp, "experts", None), HotExperts))
+        assert not layer.mlp.experts.policy.decide(1, 100000).stream
