@@ -143,8 +143,7 @@ class Engine:
             slots.append(seq.slot)
             starts.append(seq.cached)
             lengths.append(n)
-            seq.cached += n
-            if not seq.prefilling:                      # this step's last row gives its next token
+            if seq.cached + n >= len(seq.prompt):       # this step's last row gives its next token
                 sample_rows.append(len(ids) - 1)
                 sampled.append(seq)
         batch = Batch(slots, starts, lengths,
@@ -152,6 +151,10 @@ class Engine:
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         logits = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), batch, self.cache,
                             logits_for=rows).cpu()
+        # only now do the new rows count as cached: if the forward raised (or was interrupted), every
+        # sequence keeps its old `cached`, so a half-written step is never offered for prefix reuse
+        for seq, n in zip(self.running, lengths):
+            seq.cached += n
         now = time.perf_counter()
         for row, seq in enumerate(sampled):
             token = sample(logits[row], seq.sampler)

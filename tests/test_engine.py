@@ -182,3 +182,19 @@ def test_load_stops_before_reading_weights_when_the_plan_does_not_fit(tmp_path):
     with pytest.raises(PlanError) as e:
         LLM(tmp_path, progress=False)
     assert "experts" in str(e.value).lower()
+
+
+def test_a_failed_step_claims_no_cache_rows(tiny_dir):
+    """A forward that raises mid-step (Ctrl-C, OOM) leaves every sequence's cached length unchanged."""
+    llm = LLM(tiny_dir, expert_backend="torch", progress=False, max_batch=2, max_context=256)
+    eng = llm.engine
+    rid = eng.add_request(_prompt(30, seed=1), SamplingParams(max_tokens=5, **GREEDY))
+    forward = llm.model.forward
+    llm.model.forward = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        eng.step()
+    assert eng.running[0].cached == 0
+    llm.model.forward = forward
+    eng.abort(rid)
+    eng.step()
+    assert eng.slots.tokens[0] == [] and eng.slots.free_count() == 2
