@@ -139,22 +139,25 @@ class CPUExperts(_SubmitWait):
         nchunk = self.I // rows
         item_e = np.repeat(act_e, nchunk)
         item_r0 = np.tile(np.arange(nchunk, dtype=np.int64) * rows, act_e.shape[0])
-        # interleave experts so that a static split gives each thread a similar mix
-        perm = np.argsort(np.tile(np.arange(nchunk), act_e.shape[0]), kind="stable")
-        item_e, item_r0 = item_e[perm], item_r0[perm]
+        S = T * K
+        if S > FEW_SLOTS:
+            # prefill: experts differ in token counts; interleave them so that prange's static
+            # split gives each thread a similar mix. Decode keeps expert order: each thread then
+            # streams long contiguous runs and the software prefetch runs into the next item.
+            perm = np.argsort(np.tile(np.arange(nchunk), act_e.shape[0]), kind="stable")
+            item_e, item_r0 = item_e[perm], item_r0[perm]
 
         xq = np.empty((T, self.D), np.int8)
         xasc = np.empty((T, 2 * self.D // 32), np.float32)
         (quantize_rows_serial if T <= FEW_TOKENS else quantize_rows)(x, xq, xasc)
-        S = T * K
         hq = np.empty((S, self.I), np.int8)
         hasc = np.empty((S, 2 * self.I // 32), np.float32)
         gate_up(self.wg, self.wu, xq, xasc, slot_tok, estart, item_e, item_r0, rows, hq, hasc)
         if S <= FEW_SLOTS:
             rows = next(r for r in (DOWN_SLOT_ROWS, 128, 64, 32) if self.D % r == 0)
             nd = self.D // rows
-            d_e = np.tile(act_e, nd)  # interleaved: thread shares of the static split mix experts
-            d_r0 = np.repeat(np.arange(nd, dtype=np.int64) * rows, act_e.shape[0])
+            d_e = np.repeat(act_e, nd)  # expert order: contiguous runs per thread (see above)
+            d_r0 = np.tile(np.arange(nd, dtype=np.int64) * rows, act_e.shape[0])
             out = np.empty((S, self.D), np.float32)
             down_slots(self.wd, hq, hasc, estart, d_e, d_r0, rows, out)
             combine_slots(out, slot_tok, slot_w, y)

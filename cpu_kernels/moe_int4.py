@@ -24,8 +24,6 @@ Decode (T=1) and prefill share this code; the caller (``experts.py``) sorts the 
 by expert. On CPUs without AVX2 the IR uses generic vector operations instead.
 Checked by tests/test_cpu_kernels.py; speed by tools/bench_experts.py.
 """
-import os
-
 import numpy as np
 from numba import njit, prange, types
 from numba.core import cgutils
@@ -37,7 +35,10 @@ GROUP = 32
 TILE = 8              # rows per tile = fp32 lanes of one AVX2 register
 BLOCK = 144           # bytes per (tile, group): 128 nibble bytes + 8 bf16 scales
 ROWS_PER_ITEM = 32    # rows per work item (= one group of h, so gate_up can quantize it)
-PREFETCH = int(os.environ.get("HYBRID_PREFETCH", "8192"))  # bytes ahead in the weight stream; 0: off
+# Software prefetch distance in the weight stream (bytes; 0 = off). Measured on the 2-core EPYC,
+# one thread streaming 400 MB: 0 -> 0.83, 4096 -> 0.92, 8192 -> 0.97 of the read bandwidth.
+# A constant on purpose: numba's cache does not see environment variables.
+PREFETCH = 8192
 HAS_AVX2 = bool(llvm.get_host_cpu_features().get("avx2", False))
 
 _i8, _i16, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
