@@ -29,6 +29,14 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--max-context", type=int, default=4096, help="tokens per sequence (default: 4096)")
     g.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default: 16)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for the experts (default: all)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="accelerator-side dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+    g.add_argument("--gpu-weights", default="bf16", choices=["bf16", "int8", "fp8"],
+                   help="accelerator-side weights as loaded (bf16) or quantized to 8 bits at load")
+    g.add_argument("--gpu-experts", type=int, default=0,
+                   help="keep the N most used routed experts on the accelerator (needs `hybrid profile`)")
+    g.add_argument("--expert-streaming", default="off", choices=["off", "auto", "always"],
+                   help="stream a layer's experts to the accelerator for long prefills (cost model)")
     return p
 
 
@@ -74,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("plan", help="will a checkpoint fit this machine, and where do the experts go",
                    add_help=False)
+    sub.add_parser("profile", help="count routed-expert use on prompts (for --gpu-experts)", add_help=False)
     p = sub.add_parser("bench", help="benchmarks: generate (end to end) or experts (CPU kernels)", add_help=False)
     return parser
 
@@ -81,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 def load_llm(args, progress: bool = True):
     from .engine import LLM
     return LLM(args.model_dir, device=args.device, expert_backend=args.expert_backend, num_threads=args.threads,
-               max_batch=args.max_batch, max_context=args.max_context, progress=progress)
+               max_batch=args.max_batch, max_context=args.max_context, dtype=args.dtype,
+               gpu_weights=args.gpu_weights, gpu_experts=args.gpu_experts, expert_streaming=args.expert_streaming,
+               progress=progress)
 
 
 def _run_plan(argv: list[str]) -> int:
@@ -122,15 +133,26 @@ def main(argv: list[str] | None = None) -> int:
         return _run_plan(argv[1:])
     if argv and argv[0] == "bench":
         return _run_bench(argv[1:])
+    if argv and argv[0] == "profile":             # its own options, parsed by hybrid/hot_experts.py
+        from .hot_experts import cli_profile
+        try:
+            return cli_profile(argv[1:])
+        except ValueError as e:
+            print(f"hybrid profile: error: {e}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    from .plan import PlanError
     try:
         return _dispatch(args) or 0
     except ValueError as e:                        # bad user input: say what, no traceback
         print(f"hybrid {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except PlanError as e:                         # would not fit: the plan and the advice
+        print(f"hybrid {args.command}: the model does not fit this machine:\n{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nhybrid {args.command}: interrupted", file=sys.stderr)
