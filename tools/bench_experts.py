@@ -180,6 +180,10 @@ def main(argv=None):
     del ex
 
     e_pre = args.prefill_experts or (64 if args.quick else 384)
+    fit = int(0.6 * _mem_available() // expert_bytes())
+    if e_pre > fit:
+        say(f"\nonly {_mem_available() / 1e9:.1f} GB available: prefill uses {fit} experts, not {e_pre}")
+        e_pre = fit
     sizes = (64, 512) if args.quick else (64, 512, 2048)
     ex = make_experts("numba", e_pre, N)
     say(f"\nprefill: {e_pre} experts ({e_pre * expert_bytes() / 1e9:.1f} GB), top-{TOPK}, {N} thr; "
@@ -207,6 +211,13 @@ def main(argv=None):
     if args.json:
         print(json.dumps(res, default=float))
     return res
+
+
+def _mem_available() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 40
 
 
 def _cpu_name():
