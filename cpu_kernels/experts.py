@@ -7,7 +7,6 @@ runs ``moe_int4.py``; ``RefExperts`` (backend "ref") keeps dequantized fp32 weig
 ``forward`` = submit + wait, ``dequantized(e)``, ``nbytes``.
 Checked by tests/test_cpu_kernels.py; speed by tools/bench_experts.py.
 """
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -47,7 +46,8 @@ class _SubmitWait:
             raise ValueError(f"hidden_size ({hidden_size}) and intermediate_size ({intermediate_size}) "
                              f"must be multiples of the group size {layout.GROUP}")
         self.E, self.D, self.I = num_experts, hidden_size, intermediate_size
-        self.num_threads = num_threads or numba.config.NUMBA_NUM_THREADS
+        # numba cannot use more threads than it started with (NUMBA_NUM_THREADS, default: cores)
+        self.num_threads = min(num_threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
         self._loaded = np.zeros(num_experts, bool)
         self._future = None
 
@@ -122,7 +122,7 @@ class CPUExperts(_SubmitWait):
         return tuple(torch.from_numpy(layout.dequantize_layout(w[e])) for w in (self.wg, self.wu, self.wd))
 
     def _run(self, x, ids, wts):
-        numba.set_num_threads(self.num_threads)
+        numba.set_num_threads(min(self.num_threads, numba.config.NUMBA_NUM_THREADS))
         T, K = ids.shape
         y = np.zeros((T, self.D), np.float32)
         if T == 0 or K == 0:
