@@ -34,6 +34,7 @@ setup(
             "tiktoken>=0.7",
             "openai>=1.40",
             "httpx>=0.27",
+            "triton>=3.0; platform_system == 'Linux'",   # GPU kernels, tested on the CPU (TRITON_INTERPRET=1)
         ],
         "triton": ["triton>=3.0"],
     },
