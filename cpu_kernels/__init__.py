@@ -12,12 +12,16 @@ from .experts import CPUExperts, RefExperts
 from .kt_backend import KTExperts, kt_available
 from .reference import dequantize_ref, moe_int4_ref
 
-# Error of the int8-activation path, relative L2 per token against moe_int4_ref on the same
-# INT4 weights (measured ~0.6-0.9% on random activations; see tests/test_cpu_kernels.py).
-TOL_INT8 = 2.5e-2
+# Tolerances per activation format: worst relative L2 error per token against moe_int4_ref on
+# the same INT4 weights. Measured on random activations (tests/test_cpu_kernels.py, pytest -s):
+# int8 mean 1.2e-2, max 2.3e-2 at toy sizes, 1.2e-2 at 7168x2048 (x and h each contribute
+# ~0.8%); int8x2 mean 5e-5, max 8e-5; fp32 reference
+# ~1e-6. kt-kernel (bf16 activations + its own int8 quantization) falls under TOL_INT8 too.
+TOL_INT8 = 3e-2
+TOL_INT8X2 = 3e-4
 TOL_FP32 = 1e-4
 
 EXPERT_BACKENDS = {"ref": RefExperts, "numba": CPUExperts, "kt": KTExperts}
 
 __all__ = ["CPUExperts", "RefExperts", "KTExperts", "kt_available", "EXPERT_BACKENDS",
-           "moe_int4_ref", "dequantize_ref", "TOL_INT8", "TOL_FP32"]
+           "moe_int4_ref", "dequantize_ref", "TOL_INT8", "TOL_INT8X2", "TOL_FP32"]

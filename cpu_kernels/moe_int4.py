@@ -183,29 +183,46 @@ _dot4 = _make_dot_tile(4)
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _quantize_group(src, i, c0, xq, xi, asc, ai, g, G):
-    """int8 absmax quantization of src[i, c0:c0+32] into xq[xi, 32g:32g+32], asc[ai, g], asc[ai, G+g]."""
+def _quantize_group(src, i, c0, xq, xi, asc, g, G, split):
+    """int8 absmax quantization of src[i, c0:c0+32] into row xi of xq (group g) and asc.
+
+    asc[xi, g] = sx = absmax/127, asc[xi, G+g] = -8 * sx * sum(q). With split == 2 the residual
+    src - sx*q is quantized the same way into row xi+1 (two int8 rows ~ 15 bits)."""
     m = np.float32(0.0)
     for c in range(32):
         m = max(m, abs(src[i, c0 + c]))
     sx = m / np.float32(127.0)
     inv = np.float32(127.0) / m if m > 0 else np.float32(0.0)
     xs = 0
+    m2 = np.float32(0.0)
     for c in range(32):
-        q = np.int32(np.rint(src[i, c0 + c] * inv))
+        v = src[i, c0 + c]
+        q = np.int32(np.rint(v * inv))
         xq[xi, 32 * g + c] = q
         xs += q
-    asc[ai, g] = sx
-    asc[ai, G + g] = np.float32(-8.0) * sx * np.float32(xs)
+        m2 = max(m2, abs(v - np.float32(q) * sx))
+    asc[xi, g] = sx
+    asc[xi, G + g] = np.float32(-8.0) * sx * np.float32(xs)
+    if split == 2:
+        sx2 = m2 / np.float32(127.0)
+        inv2 = np.float32(127.0) / m2 if m2 > 0 else np.float32(0.0)
+        xs2 = 0
+        for c in range(32):
+            r = src[i, c0 + c] - np.float32(xq[xi, 32 * g + c]) * sx
+            q2 = np.int32(np.rint(r * inv2))
+            xq[xi + 1, 32 * g + c] = q2
+            xs2 += q2
+        asc[xi + 1, g] = sx2
+        asc[xi + 1, G + g] = np.float32(-8.0) * sx2 * np.float32(xs2)
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def quantize_rows(x, xq, asc):
-    """x float32 [n, K] -> xq int8 [n, K], asc float32 [n, 2G] = (sx per group, -8*sx*sum(xq))."""
+def quantize_rows(x, xq, asc, split):
+    """x float32 [n, K] -> xq int8 [split*n, K], asc float32 [split*n, 2G] (see _quantize_group)."""
     G = x.shape[1] // 32
     for i in prange(x.shape[0]):
         for g in range(G):
-            _quantize_group(x, i, 32 * g, xq, i, asc, i, g, G)
+            _quantize_group(x, i, 32 * g, xq, split * i, asc, g, G, split)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -224,13 +241,14 @@ def _dots(wp, G, nt, xb, xs, ab, as_, toks, s, ob):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def gate_up(wg, wu, xq, xasc, slot_tok, estart, item_e, item_r0, rows_per_item, hq, hasc):
+def gate_up(wg, wu, xq, xasc, xrow, split, estart, item_e, item_r0, rows_per_item, hq, hasc):
     """Stage 1: h = silu(gate x) * up x for every slot, quantized to int8 into (hq, hasc).
 
-    wg/wu uint8 [E, I/8, GD, 144]; xq int8 [T, D], xasc f32 [T, 2*GD]; slots sorted by expert:
-    expert e owns slots estart[e]:estart[e+1], of token slot_tok[s]; item i = rows
-    item_r0[i]:+rows_per_item (a multiple of 32) of expert item_e[i]; hq int8 [S, I],
-    hasc f32 [S, 2*I/32]."""
+    wg/wu uint8 [E, I/8, GD, 144]; xq int8 [split*T, D], xasc f32 [split*T, 2*GD]; slots sorted
+    by expert: expert e owns slots estart[e]:estart[e+1]; slot s reads activation rows
+    xrow[split*s : split*s+split] (split 2: the int8 row and its residual row, whose dot
+    products are added); item i = rows item_r0[i]:+rows_per_item (a multiple of 32) of expert
+    item_e[i]; hq int8 [split*S, I], hasc f32 [split*S, 2*I/32]."""
     ntile, GD = wg.shape[1], wg.shape[2]
     GI = ntile * TILE // GROUP
     tb = np.int64(GD) * BLOCK  # bytes per tile
@@ -247,20 +265,24 @@ def gate_up(wg, wu, xq, xasc, slot_tok, estart, item_e, item_r0, rows_per_item, 
         obp = np.int64(ob.ctypes.data)
         s = s0
         while s < s1:
-            nt = 4 if s1 - s >= 4 else (2 if s1 - s >= 2 else 1)
+            ns = 4 // split if s1 - s >= 4 // split else (2 // split if s1 - s >= 2 // split else 1)
             for tl in range(rows_per_item // TILE):
                 tile = np.int64(e) * ntile + r0 // TILE + tl
-                _dots(wgb + tile * tb, GD, nt, xb, xs, ab, as_, slot_tok, s, obp)
+                _dots(wgb + tile * tb, GD, ns * split, xb, xs, ab, as_, xrow, split * s, obp)
                 og[:] = ob
-                _dots(wub + tile * tb, GD, nt, xb, xs, ab, as_, slot_tok, s, obp)
-                for j in range(nt):
+                _dots(wub + tile * tb, GD, ns * split, xb, xs, ab, as_, xrow, split * s, obp)
+                for j in range(ns):
                     for r in range(TILE):
-                        gv = og[8 * j + r]
-                        h[s + j - s0, 8 * tl + r] = gv / (np.float32(1.0) + np.exp(-gv)) * ob[8 * j + r]
-            s += nt
+                        gv = og[8 * split * j + r]
+                        uv = ob[8 * split * j + r]
+                        if split == 2:
+                            gv += og[8 * (2 * j + 1) + r]
+                            uv += ob[8 * (2 * j + 1) + r]
+                        h[s + j - s0, 8 * tl + r] = gv / (np.float32(1.0) + np.exp(-gv)) * uv
+            s += ns
         for j in range(s1 - s0):
             for q in range(rows_per_item // GROUP):
-                _quantize_group(h, j, GROUP * q, hq, s0 + j, hasc, s0 + j, r0 // GROUP + q, GI)
+                _quantize_group(h, j, GROUP * q, hq, split * (s0 + j), hasc, r0 // GROUP + q, GI, split)
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -340,9 +362,9 @@ def combine_slots(out, slot_tok, slot_w, y):
 
 
 @njit(nogil=True, cache=True)
-def quantize_rows_serial(x, xq, asc):
+def quantize_rows_serial(x, xq, asc, split):
     """quantize_rows on the calling thread (a few tokens: cheaper than waking the pool)."""
     G = x.shape[1] // 32
     for i in range(x.shape[0]):
         for g in range(G):
-            _quantize_group(x, i, 32 * g, xq, i, asc, i, g, G)
+            _quantize_group(x, i, 32 * g, xq, split * i, asc, g, G, split)

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from cpu_kernels import EXPERT_BACKENDS, TOL_FP32, TOL_INT8, kt_available, moe_int4_ref
+from cpu_kernels import EXPERT_BACKENDS, TOL_FP32, TOL_INT8, TOL_INT8X2, kt_available, moe_int4_ref
 from cpu_kernels import layout
 
-TOL = {"ref": TOL_FP32, "numba": TOL_INT8, "kt": TOL_INT8}
+# every backend of the registry, the numba one in each activation format
+BACKENDS = [(name, None) for name in EXPERT_BACKENDS] + [("numba", "int8x2")]
+BACKEND_IDS = [name if fmt is None else f"{name}-{fmt}" for name, fmt in BACKENDS]
+TOL = {"ref": TOL_FP32, "numba": TOL_INT8, "numba-int8x2": TOL_INT8X2, "kt": TOL_INT8}
 
 
 def spec_unpack(packed, scale):
@@ -36,11 +39,12 @@ def rand_linear(rng, n, k):
     return torch.from_numpy(layout.pack_compressed(u)), scale.to(torch.bfloat16)
 
 
-def make_backend(name, E, D, I, seed=0, threads=None):
+def make_backend(name, E, D, I, seed=0, threads=None, act_format=None):
     if name == "kt" and not kt_available():
         pytest.skip("kt-kernel is not installed")
     rng = np.random.default_rng(seed)
-    ex = EXPERT_BACKENDS[name](E, D, I, num_threads=threads)
+    kw = {} if act_format is None else {"act_format": act_format}
+    ex = EXPERT_BACKENDS[name](E, D, I, num_threads=threads, **kw)
     for e in range(E):
         ex.load_expert(e, *rand_linear(rng, I, D), *rand_linear(rng, I, D), *rand_linear(rng, D, I))
     return ex
@@ -120,11 +124,12 @@ CASES = [  # (T, E, top-k, D, I, routing)
 ]
 
 
-@pytest.mark.parametrize("name", list(EXPERT_BACKENDS))
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 @pytest.mark.parametrize("case", CASES, ids=[f"T{c[0]}-E{c[1]}-k{c[2]}-{c[3]}x{c[4]}-{c[5]}" for c in CASES])
-def test_backend_vs_reference(name, case):
+def test_backend_vs_reference(backend, case):
     T, E, K, D, I, routing = case
-    ex = make_backend(name, E, D, I, seed=T + E)
+    name, fmt = backend
+    ex = make_backend(name, E, D, I, seed=T + E, act_format=fmt)
     rng = np.random.default_rng(T * 7 + K)
     x = torch.from_numpy(rng.standard_normal((T, D)).astype(np.float32))
     if routing == "one_expert":
@@ -134,21 +139,24 @@ def test_backend_vs_reference(name, case):
         pool = np.arange(1 if routing == "skip_expert" else 0, E)
         ids = np.array([rng.permutation(pool)[:K] for _ in range(T)])
     wts = rng.uniform(0.1, 1.0, (T, K)).astype(np.float32)
-    err = check(ex, name, x, torch.from_numpy(ids), torch.from_numpy(wts))
-    if name == "numba":  # the int8 error, for the record (pytest -s)
-        print(f"int8 rel. error: mean {err.mean():.2e}, max {err.max():.2e}")
+    tol_key = name if fmt is None else f"{name}-{fmt}"
+    err = check(ex, tol_key, x, torch.from_numpy(ids), torch.from_numpy(wts))
+    if name == "numba":  # the activation-format error, for the record (pytest -s)
+        print(f"{tol_key} rel. error: mean {err.mean():.2e}, max {err.max():.2e}")
 
 
-@pytest.mark.parametrize("name", list(EXPERT_BACKENDS))
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 @pytest.mark.parametrize("T", [1, 7])
-def test_k26_shape(name, T):
+def test_k26_shape(backend, T):
     E, D, I = 3, 7168, 2048
-    ex = make_backend(name, E, D, I, seed=T)
+    name, fmt = backend
+    ex = make_backend(name, E, D, I, seed=T, act_format=fmt)
     rng = np.random.default_rng(T)
     x = rng.standard_normal((T, D)).astype(np.float32)
     ids = np.array([rng.permutation(E)[:2] for _ in range(T)])
     wts = rng.uniform(0.1, 1.0, (T, 2)).astype(np.float32)
-    check(ex, name, x, ids, wts)
+    err = check(ex, name if fmt is None else f"{name}-{fmt}", x, ids, wts)
+    print(f"{name} {fmt} K2.6 shape rel. error: max {err.max():.2e}")
 
 
 @pytest.mark.parametrize("name", list(EXPERT_BACKENDS))
