@@ -13,10 +13,10 @@ from .kt_backend import KTExperts, kt_available
 from .reference import dequantize_ref, moe_int4_ref
 
 # Tolerances per activation format: worst relative L2 error per token against moe_int4_ref on
-# the same INT4 weights. Measured on random activations (tests/test_cpu_kernels.py, pytest -s):
-# int8 mean 1.2e-2, max 2.3e-2 at toy sizes, 1.2e-2 at 7168x2048 (x and h each contribute
-# ~0.8%); int8x2 mean 5e-5, max 8e-5; fp32 reference
-# ~1e-6. kt-kernel (bf16 activations + its own int8 quantization) falls under TOL_INT8 too.
+# the same INT4 weights, measured on random activations (tests/test_cpu_kernels.py, pytest -s):
+#   int8   mean 1.2e-2; max 2.3e-2 at toy sizes, 1.2e-2 at 7168x2048 (x and h ~0.8% each)
+#   int8x2 mean 5e-5, max 8e-5;  the fp32 reference itself ~1e-6
+# kt-kernel (bf16 activations, its own int8 quantization) is held to TOL_INT8 as well.
 TOL_INT8 = 3e-2
 TOL_INT8X2 = 3e-4
 TOL_FP32 = 1e-4

@@ -81,9 +81,9 @@ def _timeit(fn):
     return time.perf_counter() - t0
 
 
-def make_experts(backend, num_experts, threads):
+def make_experts(backend, num_experts, threads, act_format="int8"):
     """An expert set with random weights (numba: written straight into the kernel layout)."""
-    ex = EXPERT_BACKENDS[backend](num_experts, D, I, num_threads=threads)
+    ex = EXPERT_BACKENDS[backend](num_experts, D, I, num_threads=threads, act_format=act_format)
     if backend == "numba":
         rng = np.random.default_rng(0)
         block = rng.integers(0, 256, size=ex.wg[0].shape, dtype=np.uint8)
@@ -147,12 +147,13 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="short run: fewer steps/experts/sizes")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     ap.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS)
+    ap.add_argument("--act-format", default="int8", help="numba activation format: int8 or int8x2")
     ap.add_argument("--prefill-experts", type=int, default=None,
                     help="experts in the prefill runs (default 384, 64 with --quick)")
     args = ap.parse_args(argv)
     N = args.threads
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    res = {"threads": N, "cpu": _cpu_name()}
+    res = {"threads": N, "cpu": _cpu_name(), "act_format": args.act_format}
 
     bw = {t: read_bandwidth(t, reps=3 if args.quick else 5) for t in range(1, N + 1)}
     res["read_bandwidth_gbs"] = bw[N]
@@ -163,7 +164,7 @@ def main(argv=None):
 
     llc = llc_bytes()
     e_dec = max(TOPK * 2, -(-8 * llc // expert_bytes()) + 1)
-    ex = make_experts("numba", e_dec, N)
+    ex = make_experts("numba", e_dec, N, args.act_format)
     say(f"\ndecode: K2.6 experts {D}x{I}, {e_dec} experts = {e_dec * expert_bytes() / 1e9:.2f} GB "
         f"(>= 8x LLC {llc >> 20} MiB), top-{TOPK}")
     dec = {}
@@ -185,7 +186,7 @@ def main(argv=None):
         say(f"\nonly {_mem_available() / 1e9:.1f} GB available: prefill uses {fit} experts, not {e_pre}")
         e_pre = fit
     sizes = (64, 512) if args.quick else (64, 512, 2048)
-    ex = make_experts("numba", e_pre, N)
+    ex = make_experts("numba", e_pre, N, args.act_format)
     say(f"\nprefill: {e_pre} experts ({e_pre * expert_bytes() / 1e9:.1f} GB), top-{TOPK}, {N} thr; "
         f"GFLOP/s = 6*D*I*T*8 / time")
     for T in sizes:
