@@ -36,9 +36,24 @@ def _ext():
     return kt_kernel.kt_kernel_ext
 
 
+def _host_flags() -> set:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
 def _rawint4_class(ext):
-    from kt_kernel.utils import amx  # the package's own ISA selection (honours KT_RAWINT4_BACKEND)
-    cls = amx._select_rawint4_backend(layout.GROUP)
+    """kt-kernel's RAWINT4 kernel for this CPU. KT_RAWINT4_BACKEND (amx / avxvnni / avx2) wins;
+    otherwise AMX only where the CPU has AMX: kt-kernel 0.7.2 picks its AMX class whenever it is
+    compiled in, and that class crashed here (AVX-512 EPYC without AMX) on small shapes."""
+    from kt_kernel.utils import amx
+    if os.environ.get("KT_RAWINT4_BACKEND") or "amx_tile" in _host_flags():
+        cls = amx._select_rawint4_backend(layout.GROUP)
+    elif amx.AVXVNNI256RawInt4_MOE is not None and "avx_vnni" in _host_flags():
+        cls = amx.AVXVNNI256RawInt4_MOE
+    else:
+        cls = amx.AVX2RawInt4_MOE
     if cls is None:
         raise RuntimeError("kt-kernel has no RAWINT4 kernel for this CPU")
     return cls
@@ -46,6 +61,8 @@ def _rawint4_class(ext):
 
 class KTExperts:
     """Routed experts on kt-kernel (RAWINT4); same interface as ``CPUExperts``."""
+
+    LOGIT_TOL = 3e-2  # relative logit error vs transformers (tests/test_model.py; measured 1.1e-2)
 
     _cpu_infer = {}  # threads -> CPUInfer (kt-kernel keeps one pool per process)
 

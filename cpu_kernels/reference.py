@@ -17,13 +17,19 @@ def _np32(a):
     return np.asarray(a, dtype=np.float32)
 
 
-def dequantize_ref(packed, scale) -> np.ndarray:
-    """compressed-tensors packed int32 [N, K/8] + scale [N, K/32] -> float32 [N, K] = (u-8)*scale."""
+def dequantize_ref(packed, scale, round_bf16: bool = False) -> np.ndarray:
+    """compressed-tensors packed int32 [N, K/8] + scale [N, K/32] -> float32 [N, K] = (u-8)*scale.
+
+    round_bf16=True rounds each weight to bf16 as compressed-tensors' own dequantization does
+    (KIMI_K2_SPEC.md §2.3); False keeps the exact fp32 product, which the INT4 kernels use."""
     p = (packed.numpy() if isinstance(packed, torch.Tensor) else np.asarray(packed)).view(np.uint32)
     u = np.stack([(p >> (4 * i)) & 0xF for i in range(8)], axis=2).reshape(p.shape[0], -1)
     q = u.astype(np.float32) - 8.0
     s = _np32(scale)
-    return q * np.repeat(s, 32, axis=1)
+    w = q * np.repeat(s, 32, axis=1)
+    if round_bf16:
+        w = torch.from_numpy(w).to(torch.bfloat16).float().numpy()
+    return w
 
 
 def silu(z):

@@ -98,7 +98,10 @@ def test_dequantized_matches_disk_format(name):
     for e in range(2):
         for got, (p, s) in zip(ex.dequantized(e), [rand_linear(rng, 32, 64), rand_linear(rng, 32, 64),
                                                     rand_linear(rng, 64, 32)]):
-            np.testing.assert_array_equal(got.numpy(), spec_unpack(p, s))
+            want = spec_unpack(p, s)
+            if name == "ref":  # compressed-tensors' own rounding of q * scale to bf16
+                want = torch.from_numpy(want).to(torch.bfloat16).float().numpy()
+            np.testing.assert_array_equal(got.numpy(), want)
 
 
 def test_memory_bound_k26_shape():
@@ -175,7 +178,8 @@ def test_load_expert_dense_error(name):
         print(f"RTN int4 rel. rms error {rel:.4f}")
         g = w.reshape(w.shape[0], -1, 32)
         scale = np.maximum(g.max(axis=2) / 7, -g.min(axis=2) / 8) * (1 + 2.0 ** -7)  # bf16 round-up
-        assert np.all(np.abs(q - w).reshape(g.shape) <= scale[:, :, None] * 0.5)
+        slack = np.abs(q) * 2.0 ** -8 if name == "ref" else 0  # ref: weights rounded to bf16
+        assert np.all(np.abs(q - w) <= (scale[:, :, None] * 0.5).repeat(32, axis=2).reshape(w.shape) + slack)
 
 
 def test_submit_returns_at_once_and_overlaps():
