@@ -135,10 +135,16 @@ class CPUExperts(_SubmitWait):
         y = np.zeros((T, self.D), np.float32)
         if T == 0 or K == 0:
             return y
-        flat = ids.reshape(-1)
+        flat, fw = ids.reshape(-1), wts.reshape(-1)
+        ftok = np.repeat(np.arange(T, dtype=np.int64), K)
+        if not fw.all():  # zero-weight slots (e.g. stand-ins for GPU-resident experts) add nothing
+            keep = fw != 0
+            flat, fw, ftok = flat[keep], fw[keep], ftok[keep]
+            if flat.size == 0:
+                return y
         order = np.argsort(flat, kind="stable")  # slots sorted by expert
-        slot_tok = (order // K).astype(np.int64)
-        slot_w = wts.reshape(-1)[order]
+        slot_tok = ftok[order]
+        slot_w = fw[order]
         counts = np.bincount(flat, minlength=self.E)
         estart = np.zeros(self.E + 1, np.int64)
         np.cumsum(counts, out=estart[1:])
@@ -147,7 +153,7 @@ class CPUExperts(_SubmitWait):
         nchunk = self.I // rows
         item_e = np.repeat(act_e, nchunk)
         item_r0 = np.tile(np.arange(nchunk, dtype=np.int64) * rows, act_e.shape[0])
-        S = T * K
+        S = flat.size
         if S > FEW_SLOTS:
             # prefill: experts differ in token counts; interleave them so that prange's static
             # split gives each thread a similar mix. Decode keeps expert order: each thread then

@@ -149,6 +149,21 @@ def test_backend_vs_reference(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
+def test_duplicates_and_zero_weights(backend):
+    """An expert twice in a token's row, zero weights (how hot_experts.py hands off GPU experts)."""
+    name, fmt = backend
+    ex = make_backend(name, 4, 64, 32, seed=11, act_format=fmt)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    ids = np.array([[1, 1, 2], [0, 3, 0], [2, 2, 2], [3, 1, 0], [1, 2, 3]])
+    wts = rng.uniform(0.1, 1.0, (5, 3)).astype(np.float32)
+    wts[0, 1] = wts[1, 2] = wts[4] = 0.0  # token 4: nothing at all
+    check(ex, name if fmt is None else f"{name}-{fmt}", x, ids, wts)
+    y = ex.forward(x, ids, wts)
+    assert torch.all(y[4] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 @pytest.mark.parametrize("T", [1, 7])
 def test_k26_shape(backend, T):
     E, D, I = 3, 7168, 2048
