@@ -117,6 +117,29 @@ class CPUExperts(_SubmitWait):
     def nbytes(self) -> int:
         return self.wg.nbytes + self.wu.nbytes + self.wd.nbytes
 
+    @property
+    def arrays(self) -> dict:
+        """The repacked weights (layout.LAYOUT_VERSION), e.g. to save a cache next to the checkpoint."""
+        return {"gate": self.wg, "up": self.wu, "down": self.wd}
+
+    @classmethod
+    def from_arrays(cls, gate, up, down, num_threads=None, act_format="int8"):
+        """Adopt repacked weights without copying, e.g. ``np.load(path, mmap_mode="c")`` of a
+        saved ``arrays`` cache (mode "c" or "r+": numba compiles read-only arrays separately).
+        Every expert counts as loaded."""
+        E, ntile, GD, blk = gate.shape
+        assert blk == layout.BLOCK_BYTES and up.shape == gate.shape, (gate.shape, up.shape)
+        D, I = GD * layout.GROUP, ntile * layout.TILE
+        assert down.shape == (E, *layout.layout_shape(D, I)), (down.shape, (E, *layout.layout_shape(D, I)))
+        for a in (gate, up, down):
+            assert a.dtype == np.uint8 and a.flags.c_contiguous and a.flags.writeable, \
+                "arrays must be C-contiguous, writeable uint8 (np.load(..., mmap_mode='c'))"
+        ex = cls.__new__(cls)
+        ex.__init__(0, D, I, num_threads, act_format)
+        ex.E, ex.wg, ex.wu, ex.wd = E, gate, up, down
+        ex._loaded = np.ones(E, bool)
+        return ex
+
     def load_expert(self, e, gate_packed, gate_scale, up_packed, up_scale, down_packed, down_scale):
         """One expert's compressed-tensors tensors as on disk -> kernel layout (only copy kept)."""
         assert 0 <= e < self.E, f"expert {e} out of range [0, {self.E})"

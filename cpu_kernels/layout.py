@@ -29,6 +29,7 @@ Checked by tests/test_cpu_kernels.py (round trip against an independent unpack, 
 import numpy as np
 import torch
 
+LAYOUT_VERSION = 1  # bump when the byte layout below changes (invalidates cached repacked files)
 GROUP = 32          # inputs per scale group (compressed-tensors group_size)
 TILE = 8            # output rows per tile (one AVX2 register of fp32 / int32 lanes)
 BLOCK_BYTES = 144   # per (tile, group): 8 rows x 32 nibbles = 128 bytes + 8 bf16 scales
