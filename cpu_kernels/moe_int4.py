@@ -38,7 +38,7 @@ import llvmlite.binding as llvm
 GROUP = 32
 TILE = 8              # rows per tile = fp32 lanes of one AVX2 register
 BLOCK = 144           # bytes per (tile, group): 128 nibble bytes + 8 bf16 scales
-ROWS_PER_ITEM = 32    # rows per work item (= one group of h, so gate_up can quantize it)
+ROWS_PER_ITEM = 32    # output rows per `down` work item (prefill)
 # Software prefetch distance in the weight stream (bytes; 0 = off). Measured on the 2-core EPYC,
 # one thread streaming 400 MB: 0 -> 0.83, 4096 -> 0.92, 8192 -> 0.97 of the read bandwidth.
 # A constant on purpose: numba's cache does not see environment variables.
