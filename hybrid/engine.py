@@ -234,12 +234,14 @@ class LLM:
                  expert_backend: str = "auto", num_threads: int | None = None, max_batch: int = 16,
                  max_context: int = 4096, max_prefill_tokens: int = 2048, gpu_weights: str = "bf16",
                  gpu_experts: int = 0, expert_streaming: str = "off", expert_rates=None,
-                 check_memory: bool = True, progress: bool = True):
+                 expert_cache: bool | str | Path = False, check_memory: bool = True, progress: bool = True):
         """gpu_weights: "bf16" keeps the accelerator-side weights in `dtype`; "int8" / "fp8" quantizes
         them at load (weight-only, per output channel). gpu_experts: keep the N most used routed
         experts of MODEL_DIR/routing_profile.json (`hybrid profile`) on the accelerator.
         expert_streaming: "off" | "auto" (per-layer cost model fed by expert_rates, see
-        hybrid/expert_streaming.py; CPU-only machines always keep the CPU) | "always". check_memory: compare the memory plan with
+        hybrid/expert_streaming.py; CPU-only machines always keep the CPU) | "always".
+        expert_cache: True keeps the repacked experts in MODEL_DIR/.hybrid-cache (a folder path: there),
+        memory-mapped at the next start instead of repacked. check_memory: compare the memory plan with
         this machine before reading any weight, and stop with the numbers and advice if it cannot fit."""
         self.model_dir = Path(model_dir)
         self.config = load_config(self.model_dir)
@@ -258,7 +260,15 @@ class LLM:
         if (self.model_dir / "tiktoken.model").is_file():
             from .tokenizer import Tokenizer
             self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
-        self.model = load_model(self.checkpoint, self.device, self.dtype, expert_backend, num_threads, progress)
+        cache_dir = None
+        if expert_cache:
+            cache_dir = self.model_dir / ".hybrid-cache" if expert_cache is True else Path(expert_cache)
+            try:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"expert_cache: cannot create {cache_dir} ({e}); pass a writable folder") from None
+        self.model = load_model(self.checkpoint, self.device, self.dtype, expert_backend, num_threads, progress,
+                                cache_dir)
         if gpu_weights != "bf16":
             from .gpu_weights import quantize_model_linears
             quantize_model_linears(self.model, gpu_weights)

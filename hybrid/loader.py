@@ -5,6 +5,11 @@ Checked by tests/test_model.py (logits vs transformers) and tests/test_checkpoin
 """
 from __future__ import annotations
 
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -16,6 +21,8 @@ from .moe import Router, TorchExperts
 from .scheduler import ExpertScheduler, OverlapStats
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+FAST_BACKENDS = ("numba", "kt")      # candidates of expert_backend="auto", in order of preference
+log = logging.getLogger("hybrid.loader")
 
 
 def expert_backends() -> dict:
@@ -29,19 +36,64 @@ def expert_backends() -> dict:
     return backends
 
 
-def make_experts(name: str, config: ModelConfig, num_threads: int | None):
+def _decode_seconds(cls, config: ModelConfig, num_threads: int | None, steps: int = 3) -> float:
+    """Time of one batch-1 decode call on a few random experts of the model's shape."""
+    E = min(config.n_routed_experts, 2 * config.num_experts_per_tok)
+    D, I, g = config.hidden_size, config.moe_intermediate_size, 32
+    ex = cls(E, D, I, num_threads=num_threads)
+    rng = np.random.default_rng(0)
+    for e in range(E):
+        parts = []
+        for n, k in ((I, D), (I, D), (D, I)):
+            parts += [torch.from_numpy(rng.integers(-2**31, 2**31, (n, k // 8), dtype=np.int64).astype(np.int32)),
+                      torch.full((n, k // g), 0.01, dtype=torch.bfloat16)]
+        ex.load_expert(e, *parts)
+    x = torch.randn(1, D)
+    k = config.num_experts_per_tok
+    ids, w = torch.arange(k)[None], torch.full((1, k), 1.0 / k)
+    ex.forward(x, ids, w)                                             # compile / warm up
+    t0 = time.perf_counter()
+    for s in range(steps):
+        ex.forward(x, (ids + s * k) % E, w)
+    return (time.perf_counter() - t0) / steps
+
+
+def resolve_backend(name: str, config: ModelConfig, num_threads: int | None) -> str:
+    """"auto": the fastest installed CPU backend, by a short measurement at load (logged)."""
     backends = expert_backends()
-    if name == "auto":
-        name = "numba" if "numba" in backends else "torch"
-    if name not in backends:
-        raise ValueError(f"expert_backend {name!r} is not available; choose one of {', '.join(backends)}")
-    return backends[name](config.n_routed_experts, config.hidden_size, config.moe_intermediate_size,
-                          num_threads=num_threads)
+    if name != "auto":
+        if name not in backends:
+            raise ValueError(f"expert_backend {name!r} is not available; choose one of {', '.join(backends)}")
+        return name
+    candidates = [b for b in FAST_BACKENDS if b in backends]
+    if "kt" in candidates:
+        from cpu_kernels import kt_available
+        if not kt_available():
+            candidates.remove("kt")
+    if not candidates:
+        log.info("expert_backend auto: torch (no CPU kernel package importable)")
+        return "torch"
+    if len(candidates) == 1:
+        log.info("expert_backend auto: %s (the only fast backend installed)", candidates[0])
+        return candidates[0]
+    times = {b: _decode_seconds(backends[b], config, num_threads) for b in candidates}
+    best = min(times, key=times.get)
+    log.info("expert_backend auto: %s (batch-1 decode: %s)", best,
+             ", ".join(f"{b} {t * 1e3:.2f} ms" for b, t in times.items()))
+    return best
+
+
+def make_experts(name: str, config: ModelConfig, num_threads: int | None):
+    return expert_backends()[name](config.n_routed_experts, config.hidden_size, config.moe_intermediate_size,
+                                   num_threads=num_threads)
 
 
 def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, expert_backend: str = "auto",
-               num_threads: int | None = None, progress: bool = True) -> KimiForCausalLM:
+               num_threads: int | None = None, progress: bool = True,
+               expert_cache: Path | None = None) -> KimiForCausalLM:
+    """expert_cache: folder of the repacked-expert cache (hybrid/expert_cache.py; numba backend)."""
     config = ckpt.config
+    expert_backend = resolve_backend(expert_backend, config, num_threads)
     with torch.device("meta"):
         model = KimiForCausalLM(config).to(dtype)
     for m in model.modules():
@@ -74,13 +126,20 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, exper
             bias = f"model.layers.{i}.mlp.gate.e_score_correction_bias"
             moe.gate.e_score_correction_bias.copy_(
                 ckpt.tensor(bias, shape=(config.n_routed_experts,), dtypes=FLOAT_DTYPES).float())
-            moe.experts = ExpertScheduler(load_experts(ckpt, i, expert_backend, num_threads), i, device,
-                                          model.overlap_stats)
+            moe.experts = ExpertScheduler(load_experts(ckpt, i, expert_backend, num_threads, expert_cache), i,
+                                          device, model.overlap_stats)
     return model.eval()
 
 
-def load_experts(ckpt: Checkpoint, i: int, backend: str, num_threads: int | None):
+def load_experts(ckpt: Checkpoint, i: int, backend: str, num_threads: int | None,
+                 cache_dir: Path | None = None):
     c = ckpt.config
+    use_cache = cache_dir is not None and backend == "numba"
+    if use_cache:
+        from .expert_cache import load_layer
+        cached = load_layer(cache_dir, ckpt, i, num_threads)
+        if cached is not None:
+            return cached
     D, I = c.hidden_size, c.moe_intermediate_size
     experts = make_experts(backend, c, num_threads)
     shapes = {"gate_proj": (I, D), "up_proj": (I, D), "down_proj": (D, I)}
@@ -93,4 +152,7 @@ def load_experts(ckpt: Checkpoint, i: int, backend: str, num_threads: int | None
             experts.load_expert(e, *parts)
         else:
             experts.load_expert_dense(e, *(ckpt.linear(f"{P}.{proj}", n, k) for proj, (n, k) in shapes.items()))
+    if use_cache:
+        from .expert_cache import save_layer
+        save_layer(cache_dir, ckpt, i, experts)
     return experts
