@@ -35,6 +35,9 @@ def _model_options() -> argparse.ArgumentParser:
                    help="accelerator-side weights as loaded (bf16) or quantized to 8 bits at load")
     g.add_argument("--gpu-experts", type=int, default=0,
                    help="keep the N most used routed experts on the accelerator (needs `hybrid profile`)")
+    g.add_argument("--expert-cache", nargs="?", const=True, default=False, metavar="FOLDER",
+                   help="keep the repacked experts in a cache (default folder: MODEL_DIR/.hybrid-cache) "
+                        "and memory-map it at the next start")
     g.add_argument("--expert-streaming", default="off", choices=["off", "auto", "always"],
                    help="stream a layer's experts to the accelerator for long prefills (cost model)")
     return p
@@ -92,6 +95,7 @@ def load_llm(args, progress: bool = True):
     return LLM(args.model_dir, device=args.device, expert_backend=args.expert_backend, num_threads=args.threads,
                max_batch=args.max_batch, max_context=args.max_context, dtype=args.dtype,
                gpu_weights=args.gpu_weights, gpu_experts=args.gpu_experts, expert_streaming=args.expert_streaming,
+               expert_cache=args.expert_cache,
                progress=progress)
 
 
