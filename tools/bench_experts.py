@@ -153,6 +153,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     N = args.threads
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    json_out = sys.stdout
+    if args.json:   # native libraries (kt-kernel) print to fd 1: send that to stderr, keep stdout for the JSON
+        sys.stdout.flush()
+        json_out = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)
     res = {"threads": N, "cpu": _cpu_name(), "act_format": args.act_format}
 
     bw = {t: read_bandwidth(t, reps=3 if args.quick else 5) for t in range(1, N + 1)}
@@ -210,7 +215,7 @@ def main(argv=None):
     else:
         say("\nkt-kernel not installed: no kt figures")
     if args.json:
-        print(json.dumps(res, default=float))
+        print(json.dumps(res, default=float), file=json_out, flush=True)
     return res
 
 
