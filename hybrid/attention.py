@@ -92,6 +92,13 @@ class Batch:
         return Batch([slot], [start], [n_tokens], torch.arange(start, start + n_tokens, device=device))
 
 
+def regroup_kv_b(w: torch.Tensor, heads: int, nope: int, v_dim: int) -> torch.Tensor:
+    """kv_b_proj rows from the checkpoint's per-head interleave (h*(nope+V) + d) to
+    [all k_nope rows (h*nope + d) | all v rows (h*V + d)]."""
+    w3 = w.view(heads, nope + v_dim, -1)
+    return torch.cat([w3[:, :nope].reshape(heads * nope, -1), w3[:, nope:].reshape(heads * v_dim, -1)])
+
+
 class MLAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -109,6 +116,8 @@ class MLAttention(nn.Module):
             self.q_proj = nn.Linear(c.hidden_size, self.h * qk, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, self.r + self.rope_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(self.r, eps=1e-6)
+        # rows grouped by the loader (regroup_kv_b): all heads' k_nope rows, then all heads' v rows, so
+        # W_UK [H, nope, R] and W_UV [H, V, R] are contiguous views for the absorbed form
         self.kv_b_proj = nn.Linear(self.r, self.h * (self.nope + self.vd), bias=False)
         self.o_proj = nn.Linear(self.h * self.vd, c.hidden_size, bias=False)
         self.scale = c.softmax_scale
@@ -154,18 +163,21 @@ class MLAttention(nn.Module):
         return self.o_proj(o.reshape(T, self.h * self.vd))
 
     def _w_uk_uv(self):
-        w = self.kv_b_proj.weight.view(self.h, self.nope + self.vd, self.r)
-        return w[:, :self.nope], w[:, self.nope:]                               # [H, nope, R], [H, V, R]
+        w = self.kv_b_proj.weight
+        split = self.h * self.nope
+        return w[:split].view(self.h, self.nope, self.r), w[split:].view(self.h, self.vd, self.r)
 
     def _decode(self, q_nope, q_pe, cache, slots, lengths):
         """B one-token sequences in the absorbed form, one call over the latent cache
         (gpu_kernels.mla_decode: Triton on CUDA, its torch reference elsewhere)."""
         w_uk, w_uv = self._w_uk_uv()
-        q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)                       # [B, H, R]
+        # batched matmuls over the heads read the contiguous W_UK / W_UV in place
+        q_lat = torch.matmul(q_nope.transpose(0, 1), w_uk).transpose(0, 1)       # [B, H, R]
         dev = q_nope.device
         o_lat = mla_decode(q_lat, q_pe, cache.ckv[self.layer_idx], cache.kpe[self.layer_idx],
                            torch.tensor(slots, device=dev), torch.tensor(lengths, device=dev), self.scale)
-        return torch.einsum("bhr,hvr->bhv", o_lat.to(q_nope.dtype), w_uv)          # [B, H, V]
+        o = torch.matmul(w_uv, o_lat.to(q_nope.dtype).permute(1, 2, 0))        # [H, V, B]
+        return o.permute(2, 0, 1)                                                  # [B, H, V]
 
     def _causal_softmax(self, scores: torch.Tensor, start: int) -> torch.Tensor:
         """scores [H, n, L] for queries at positions start.. over keys 0..L-1 -> probabilities."""
@@ -177,8 +189,9 @@ class MLAttention(nn.Module):
         return torch.softmax(scores.float(), dim=-1).to(scores.dtype)
 
     def _plain(self, q_nope, q_pe, keys_c, keys_pe, start):
-        kv = self.kv_b_proj(keys_c).view(-1, self.h, self.nope + self.vd)    # [L, H, nope+V]
-        k_nope, v = kv.split([self.nope, self.vd], dim=-1)
+        kv = self.kv_b_proj(keys_c)                                          # [L, H*nope + H*V]
+        k_nope = kv[:, :self.h * self.nope].view(-1, self.h, self.nope)      # [L, H, nope]
+        v = kv[:, self.h * self.nope:].view(-1, self.h, self.vd)             # [L, H, V]
         scores = (torch.einsum("nhd,lhd->hnl", q_nope, k_nope)
                   + torch.einsum("nhp,lp->hnl", q_pe, keys_pe)) * self.scale  # [H, n, L]
         probs = self._causal_softmax(scores, start)

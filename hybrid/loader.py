@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .attention import Rope
+from .attention import Rope, regroup_kv_b
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .model import KimiForCausalLM
@@ -115,6 +115,9 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, exper
             module = name.rsplit(".", 1)[0]
             if name == "model.embed_tokens.weight" or name.endswith("mlp.gate.weight"):
                 t = ckpt.tensor(name, shape=tuple(p.shape), dtypes=FLOAT_DTYPES)
+            elif name.endswith("self_attn.kv_b_proj.weight"):
+                t = regroup_kv_b(ckpt.linear(module, *p.shape), config.num_attention_heads,
+                                 config.qk_nope_head_dim, config.v_head_dim)
             elif p.dim() == 2:
                 t = ckpt.linear(module, *p.shape)
             else:

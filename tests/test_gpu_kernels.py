@@ -134,8 +134,7 @@ def test_mla_reference_matches_model_absorbed_form(tiny_dir):
     lengths, slots = [1, 17, 40], [2, 0, 1]
     ckv, kpe = torch.randn(3, 40, R), torch.randn(3, 40, P)
     q_nope, q_pe = torch.randn(3, H, nope), torch.randn(3, H, P)
-    w = att.kv_b_proj.weight.detach().view(H, nope + V, R)
-    w_uk, w_uv = w[:, :nope], w[:, nope:]
+    w_uk, w_uv = (w.detach() for w in att._w_uk_uv())
     q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)
     o_lat = mla_decode_ref(q_lat, q_pe, ckv, kpe, torch.tensor(slots), torch.tensor(lengths), att.scale)
     got = torch.einsum("bhr,hvr->bhv", o_lat, w_uv)
