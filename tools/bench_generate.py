@@ -108,6 +108,17 @@ def run_batch(llm, timer, B: int, prompt_len: int, steps: int) -> dict:
             "accel_ms_per_step": 1e3 * ov["accel_s"] / steps, "wait_ms_per_step": 1e3 * ov["wait_s"] / steps}
 
 
+def predicted(llm, hw_file: str, batch: int, prompt_len: int, steps: int) -> dict:
+    """hybrid plan's prediction for this machine (no GPU here: everything in RAM)."""
+    from hybrid.plan import Hardware, machine_memory, make_plan
+    hw = Hardware.from_dict(json.load(open(hw_file)))
+    mem = machine_memory()
+    plan = make_plan(llm.config, gpu_mem_bytes=mem["gpu_mem_bytes"], ram_bytes=mem["ram_bytes"],
+                     context=prompt_len + steps + 8, batch=batch, hw=hw, prefill_tokens=prompt_len)
+    return {"predicted_prefill_tok_s": plan.predicted_prefill_tok_s,
+            "predicted_decode_tok_s": plan.predicted_decode_tok_s}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", nargs="?", default=DEFAULT_DIR)
@@ -117,6 +128,8 @@ def main(argv=None):
     ap.add_argument("--expert-backend", default="auto")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="accelerator-side dtype (default: bf16 on a GPU, float32 on the CPU)")
+    ap.add_argument("--hw", help="tools/bench_experts.py --json output: adds hybrid plan's predicted tok/s "
+                                 "for this machine next to the measured ones")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
@@ -136,6 +149,8 @@ def main(argv=None):
         step_bytes = acc_bytes + r["expert_bytes_per_step"]
         r["bound_tok_s"] = B / (step_bytes / (bw * 1e9))
         r["of_bound"] = r["decode_tok_s"] / r["bound_tok_s"]
+        if args.hw:
+            r.update(predicted(llm, args.hw, B, args.prompt_len, args.steps))
         rows.append(r)
     result = {"model_dir": args.model_dir, "read_bandwidth_gbs": bw, "threads": threads,
               "device": str(llm.device), "dtype": str(llm.dtype), "accelerator_bytes": acc_bytes, "rows": rows}
@@ -150,6 +165,10 @@ def main(argv=None):
         print(f"{r['batch']:>5} {r['prefill_tok_s']:>13.1f} {r['decode_tok_s']:>12.2f} {r['bound_tok_s']:>11.2f} "
               f"{r['of_bound']:>8.2f} {r['overhead_frac']:>8.1%} {r['overlap_ratio']:>7.2f} "
               f"{r['cpu_experts_ms_per_step']:>7.1f} {r['accel_ms_per_step']:>8.1f} {r['wait_ms_per_step']:>7.1f}")
+    if args.hw:
+        print("hybrid plan's prediction for this machine (--hw): " + "; ".join(
+            f"batch {r['batch']}: prefill {r['predicted_prefill_tok_s']:.1f} (measured {r['prefill_tok_s']:.1f}), "
+            f"decode {r['predicted_decode_tok_s']:.2f} (measured {r['decode_tok_s']:.2f}) tok/s" for r in rows))
     return result
 
 
