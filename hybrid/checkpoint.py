@@ -158,6 +158,12 @@ class Checkpoint:
             return full[len("language_model."):]
         return full
 
+    def release(self) -> None:
+        """Drop the shards' memory maps (they reopen on the next read). The loader calls this after
+        each layer, so pages already copied out stop counting in the process's memory."""
+        for shard in self.shards.values():
+            shard._mmap = None
+
     # ---- plain tensors -------------------------------------------------------------
     def names(self) -> list[str]:
         return list(self._where)

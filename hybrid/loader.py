@@ -1,6 +1,7 @@
 """Fill a KimiForCausalLM from a checkpoint: a loop over the model's parameters (named like the
 checkpoint's tensors) plus one routed-expert backend per MoE layer. Peak memory while loading is the
-final model plus one tensor (the model is built on the meta device, then filled in place).
+final model plus one tensor (the model is built on the meta device, then filled in place), and the
+shards' memory maps are dropped after each layer, so mapped checkpoint pages do not accumulate.
 Checked by tests/test_model.py (logits vs transformers) and tests/test_checkpoint.py (bad inputs).
 """
 from __future__ import annotations
@@ -131,6 +132,7 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, exper
                 ckpt.tensor(bias, shape=(config.n_routed_experts,), dtypes=FLOAT_DTYPES).float())
             moe.experts = ExpertScheduler(load_experts(ckpt, i, expert_backend, num_threads, expert_cache), i,
                                           device, model.overlap_stats)
+        ckpt.release()
     return model.eval()
 
 

@@ -157,3 +157,10 @@ def test_unknown_quantization_method_in_config(ckpt_copy):
     (ckpt_copy / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="quant_method.*awq"):
         _load(ckpt_copy)
+
+
+def test_loading_leaves_no_shard_mapped(tiny_dir):
+    """After each layer the loader drops the shard maps: copied-out pages stop counting in the process."""
+    llm = _load(tiny_dir)
+    assert all(shard._mmap is None for shard in llm.checkpoint.shards.values())
+    assert llm.checkpoint.tensor("model.norm.weight").shape == (128,)      # and they reopen on demand
