@@ -29,6 +29,8 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--max-context", type=int, default=4096, help="tokens per sequence (default: 4096)")
     g.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default: 16)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for the experts (default: all)")
+    g.add_argument("--accel-threads", type=int, default=None,
+                   help="torch threads for the accelerator side when it runs on the CPU (default: torch's)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="accelerator-side dtype (default: bfloat16 on a GPU, float32 on the CPU)")
     g.add_argument("--gpu-weights", default="bf16", choices=["bf16", "int8", "fp8"],
@@ -93,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 def load_llm(args, progress: bool = True):
     from .engine import LLM
     return LLM(args.model_dir, device=args.device, expert_backend=args.expert_backend, num_threads=args.threads,
-               max_batch=args.max_batch, max_context=args.max_context, dtype=args.dtype,
+               accel_threads=args.accel_threads, max_batch=args.max_batch, max_context=args.max_context,
+               dtype=args.dtype,
                gpu_weights=args.gpu_weights, gpu_experts=args.gpu_experts, expert_streaming=args.expert_streaming,
                expert_cache=args.expert_cache,
                progress=progress)

@@ -231,11 +231,13 @@ class LLM:
     """A loaded model: `score`, `generate`, `stream` (and `chat` once a tokenizer is present)."""
 
     def __init__(self, model_dir: str | Path, *, device: str = "auto", dtype: torch.dtype | str | None = None,
-                 expert_backend: str = "auto", num_threads: int | None = None, max_batch: int = 16,
+                 expert_backend: str = "auto", num_threads: int | None = None, accel_threads: int | None = None,
+                 max_batch: int = 16,
                  max_context: int = 4096, max_prefill_tokens: int = 2048, gpu_weights: str = "bf16",
                  gpu_experts: int = 0, expert_streaming: str = "off", expert_rates=None,
                  expert_cache: bool | str | Path = False, check_memory: bool = True, progress: bool = True):
-        """gpu_weights: "bf16" keeps the accelerator-side weights in `dtype`; "int8" / "fp8" quantizes
+        """num_threads: CPU threads of the routed-expert kernels; accel_threads: torch's threads for the
+        accelerator side when it runs on the CPU (torch.set_num_threads). gpu_weights: "bf16" keeps the accelerator-side weights in `dtype`; "int8" / "fp8" quantizes
         them at load (weight-only, per output channel). gpu_experts: keep the N most used routed
         experts of MODEL_DIR/routing_profile.json (`hybrid profile`) on the accelerator.
         expert_streaming: "off" | "auto" (per-layer cost model fed by expert_rates, see
@@ -246,6 +248,8 @@ class LLM:
         self.model_dir = Path(model_dir)
         self.config = load_config(self.model_dir)
         self.device = resolve_device(device)
+        if accel_threads:
+            torch.set_num_threads(accel_threads)
         if isinstance(dtype, str):
             if dtype not in DTYPE_NAMES:
                 raise ValueError(f"dtype {dtype!r} unknown; choose one of {', '.join(DTYPE_NAMES)}")
