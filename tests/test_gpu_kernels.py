@@ -130,7 +130,7 @@ def test_mla_reference_matches_model_absorbed_form(tiny_dir):
     config = load_config(tiny_dir)
     torch.manual_seed(0)
     att = MLAttention(config, 0)
-    H, nope, R, P, V = att.h, att.nope, att.r, att.rope_dim, att.vd
+    H, nope, R, P = att.h, att.nope, att.r, att.rope_dim
     lengths, slots = [1, 17, 40], [2, 0, 1]
     ckv, kpe = torch.randn(3, 40, R), torch.randn(3, 40, P)
     q_nope, q_pe = torch.randn(3, H, nope), torch.randn(3, H, P)
