@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_llm(args, progress: bool = True):
-    from .engine import LLM
+    from .llm import LLM
     return LLM(args.model_dir, device=args.device, expert_backend=args.expert_backend, num_threads=args.threads,
                accel_threads=args.accel_threads, max_batch=args.max_batch, max_context=args.max_context,
                dtype=args.dtype,

@@ -70,7 +70,7 @@ def placement_report(llm) -> list[str]:
 
 def run_demo(device: str = "auto", expert_backend: str = "auto", num_threads: int | None = None,
              max_tokens: int = 48, console: Console | None = None) -> None:
-    from .engine import LLM
+    from .llm import LLM
     from .terminal_chat import stream_turn
     console = console or Console(highlight=False, soft_wrap=True)
     console.rule("hybrid demo")

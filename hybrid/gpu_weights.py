@@ -116,7 +116,7 @@ def measure_int8_logit_error(model_dir: str | Path, fmt: str = "int8", n_tokens:
       bf16_baseline: the unquantized model computed in bf16 against the fp32 reference, the noise
               floor a bf16 GPU run already has on the same checkpoint.
     """
-    from .engine import LLM
+    from .llm import LLM
     from .moe import Router
     llm = LLM(model_dir, device="cpu", dtype=dtype, expert_backend="torch", progress=False)
     g = torch.Generator().manual_seed(seed)

@@ -239,7 +239,7 @@ def cli_profile(argv=None) -> int:
     """`hybrid profile MODEL_DIR --prompts FILE [--max-tokens N] [--output PATH]`."""
     import argparse
 
-    from .engine import LLM
+    from .llm import LLM
     ap = argparse.ArgumentParser(prog="hybrid profile", description="count routed-expert use on real prompts "
                                  "(for --gpu-experts N)")
     ap.add_argument("model_dir")
