@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+import concurrent.futures
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -115,7 +116,9 @@ class ExpertScheduler:
         return y, time.perf_counter() - t0
 
     def submit(self, x, topk_ids, topk_weights):
-        assert self._future is None, "submit() called twice without wait()"
+        if self._future is not None:        # a step that failed between submit and wait: drop its result
+            concurrent.futures.wait([self._future])
+            self._future = None
         self._t_submit = time.perf_counter()
         x, topk_ids, topk_weights = self._to_host(x, topk_ids, topk_weights)
         self._future = _worker().submit(self._run, x, topk_ids, topk_weights)

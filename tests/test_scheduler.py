@@ -41,3 +41,13 @@ def test_model_records_overlap_per_moe_layer(tiny_dir):
     llm.score(list(range(20)))
     moe_layers = [i for i in range(llm.config.num_hidden_layers) if llm.config.is_moe_layer(i)]
     assert sorted(stats.summary()["layers"]) == moe_layers
+
+
+def test_a_step_that_failed_between_submit_and_wait_does_not_block_the_next():
+    stats = OverlapStats()
+    sched = ExpertScheduler(SlowExperts(), 1, torch.device("cpu"), stats)
+    x = torch.ones(2, 4)
+    ids, w = torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1)
+    sched.submit(x, ids, w)          # ... and the shared expert raised: wait() never ran
+    sched.submit(x + 1, ids, w)
+    assert torch.equal(sched.wait(), (x + 1) * 2)
