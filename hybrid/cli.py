@@ -29,6 +29,8 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--max-context", type=int, default=4096, help="tokens per sequence (default: 4096)")
     g.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default: 16)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for the experts (default: all)")
+    g.add_argument("--expert-act-format", default=None, choices=["int8", "int8x2"],
+                   help="activations of the numba expert kernels (int8x2: more exact, slower prefill)")
     g.add_argument("--accel-threads", type=int, default=None,
                    help="torch threads for the accelerator side when it runs on the CPU (default: torch's)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
@@ -94,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_llm(args, progress: bool = True):
     from .llm import LLM
-    return LLM(args.model_dir, device=args.device, expert_backend=args.expert_backend, num_threads=args.threads,
+    return LLM(args.model_dir, device=args.device, expert_backend=args.expert_backend,
+               expert_act_format=args.expert_act_format, num_threads=args.threads,
                accel_threads=args.accel_threads, max_batch=args.max_batch, max_context=args.max_context,
                dtype=args.dtype,
                gpu_weights=args.gpu_weights, gpu_experts=args.gpu_experts, expert_streaming=args.expert_streaming,

@@ -84,15 +84,19 @@ def resolve_backend(name: str, config: ModelConfig, num_threads: int | None) -> 
     return best
 
 
-def make_experts(name: str, config: ModelConfig, num_threads: int | None):
+def make_experts(name: str, config: ModelConfig, num_threads: int | None, act_format: str | None = None):
+    extra = {"act_format": act_format} if act_format else {}
+    if extra and name == "torch":
+        raise ValueError("expert_act_format applies to the CPU kernel backends (numba, ref, kt), not 'torch'")
     return expert_backends()[name](config.n_routed_experts, config.hidden_size, config.moe_intermediate_size,
-                                   num_threads=num_threads)
+                                   num_threads=num_threads, **extra)
 
 
 def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, expert_backend: str = "auto",
                num_threads: int | None = None, progress: bool = True,
-               expert_cache: Path | None = None) -> KimiForCausalLM:
-    """expert_cache: folder of the repacked-expert cache (hybrid/expert_cache.py; numba backend)."""
+               expert_cache: Path | None = None, act_format: str | None = None) -> KimiForCausalLM:
+    """expert_cache: folder of the repacked-expert cache (hybrid/expert_cache.py; numba backend).
+    act_format: the expert kernels' activation format (numba: "int8" default, "int8x2" more exact)."""
     config = ckpt.config
     expert_backend = resolve_backend(expert_backend, config, num_threads)
     with torch.device("meta"):
@@ -130,23 +134,23 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, exper
             bias = f"model.layers.{i}.mlp.gate.e_score_correction_bias"
             moe.gate.e_score_correction_bias.copy_(
                 ckpt.tensor(bias, shape=(config.n_routed_experts,), dtypes=FLOAT_DTYPES).float())
-            moe.experts = ExpertScheduler(load_experts(ckpt, i, expert_backend, num_threads, expert_cache), i,
-                                          device, model.overlap_stats)
+            experts = load_experts(ckpt, i, expert_backend, num_threads, expert_cache, act_format)
+            moe.experts = ExpertScheduler(experts, i, device, model.overlap_stats)
         ckpt.release()
     return model.eval()
 
 
 def load_experts(ckpt: Checkpoint, i: int, backend: str, num_threads: int | None,
-                 cache_dir: Path | None = None):
+                 cache_dir: Path | None = None, act_format: str | None = None):
     c = ckpt.config
     use_cache = cache_dir is not None and backend == "numba"
     if use_cache:
         from .expert_cache import load_layer
-        cached = load_layer(cache_dir, ckpt, i, num_threads)
+        cached = load_layer(cache_dir, ckpt, i, num_threads, act_format or "int8")
         if cached is not None:
             return cached
     D, I = c.hidden_size, c.moe_intermediate_size
-    experts = make_experts(backend, c, num_threads)
+    experts = make_experts(backend, c, num_threads, act_format)
     shapes = {"gate_proj": (I, D), "up_proj": (I, D), "down_proj": (D, I)}
     for e in range(c.n_routed_experts):
         P = f"model.layers.{i}.mlp.experts.{e}"

@@ -64,3 +64,16 @@ def test_score_rejects_bad_ids(tiny_dir):
         llm.score([1, 2, 2304])
     with pytest.raises(ValueError, match="not a token id"):
         llm.score([1, -5])
+
+
+def test_int8x2_activations_are_closer_to_transformers_than_int8(tiny_dir, hf_models):
+    pytest.importorskip("numba")
+    ids = _prompt(64, seed=11)
+    theirs = hf_logits(hf_models("k2.6"), ids)
+    med = {}
+    for fmt in ("int8", "int8x2"):
+        ours = LLM(tiny_dir, expert_backend="numba", expert_act_format=fmt, progress=False).score(ids)
+        med[fmt] = ((ours - theirs).abs().amax(-1) / theirs.abs().amax(-1)).median().item()
+    assert med["int8x2"] < med["int8"] / 2, med
+    with pytest.raises(ValueError, match="not 'torch'"):
+        LLM(tiny_dir, expert_backend="torch", expert_act_format="int8x2", progress=False)
