@@ -5,7 +5,8 @@ from .engine import RequestOutput
 from .llm import LLM
 from .sampling import SamplingParams
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams", "Tokenizer", "ModelConfig", "load_config", "ConfigError", "CheckpointError"]
+__all__ = ["LLM", "RequestOutput", "SamplingParams", "Tokenizer", "ModelConfig", "load_config", "ConfigError",
+           "CheckpointError"]
 
 
 def __getattr__(name):

@@ -175,8 +175,8 @@ def attach_accelerator_experts(llm, gpu_experts: int = 0, streaming: str = "off"
         from .expert_streaming import LayerShape, Rates, StreamingPolicy
         rates = Rates(**rates) if isinstance(rates, dict) else rates
         policy = StreamingPolicy(rates if llm.device.type == "cuda" else None, LayerShape.from_config(c))
-    shapes = {"gate_proj": (c.moe_intermediate_size, c.hidden_size), "up_proj": (c.moe_intermediate_size, c.hidden_size),
-              "down_proj": (c.hidden_size, c.moe_intermediate_size)}
+    D, I = c.hidden_size, c.moe_intermediate_size
+    shapes = {"gate_proj": (I, D), "up_proj": (I, D), "down_proj": (D, I)}
 
     def fetcher(layer):
         def fetch(e):

@@ -30,17 +30,21 @@ class LLM:
                  max_context: int = 4096, max_prefill_tokens: int = 2048, gpu_weights: str = "bf16",
                  gpu_experts: int = 0, expert_streaming: str = "off", expert_rates=None,
                  expert_cache: bool | str | Path = False, check_memory: bool = True, progress: bool = True):
-        """expert_act_format: activations of the CPU expert kernels (numba: "int8", the default, or
-        "int8x2", ~200x smaller error for about half the prefill speed). num_threads: CPU threads
-        of the routed-expert kernels; accel_threads: torch's threads for the
-        accelerator side when it runs on the CPU (torch.set_num_threads). gpu_weights: "bf16" keeps the accelerator-side weights in `dtype`; "int8" / "fp8" quantizes
-        them at load (weight-only, per output channel). gpu_experts: keep the N most used routed
-        experts of MODEL_DIR/routing_profile.json (`hybrid profile`) on the accelerator.
+        """Load MODEL_DIR. Options beyond the obvious ones:
+        expert_act_format: activations of the CPU expert kernels (numba: "int8", the default, or
+            "int8x2": ~200x smaller error for about half the prefill speed).
+        num_threads: CPU threads of the expert kernels; accel_threads: torch's threads for the
+            accelerator side when it runs on the CPU (torch.set_num_threads).
+        gpu_weights: "bf16" keeps the accelerator-side weights in `dtype`; "int8" / "fp8" quantizes
+            them at load (weight-only, per output channel).
+        gpu_experts: keep the N most used routed experts of MODEL_DIR/routing_profile.json
+            (`hybrid profile`) on the accelerator.
         expert_streaming: "off" | "auto" (per-layer cost model fed by expert_rates, see
-        hybrid/expert_streaming.py; CPU-only machines always keep the CPU) | "always".
-        expert_cache: True keeps the repacked experts in MODEL_DIR/.hybrid-cache (a folder path: there),
-        memory-mapped at the next start instead of repacked. check_memory: compare the memory plan with
-        this machine before reading any weight, and stop with the numbers and advice if it cannot fit."""
+            hybrid/expert_streaming.py; CPU-only machines always keep the CPU) | "always".
+        expert_cache: True keeps the repacked experts in MODEL_DIR/.hybrid-cache (a folder path:
+            there), memory-mapped at the next start instead of repacked.
+        check_memory: compare the memory plan with this machine before reading any weight, and
+            stop with the numbers and advice if it cannot fit."""
         self.model_dir = Path(model_dir)
         self.config = load_config(self.model_dir)
         self.device = resolve_device(device)
