@@ -4,9 +4,8 @@ Hot experts: routing frequency per (layer, expert) counted on real prompts, and 
 routed experts kept on the accelerator (INT4, gpu_kernels.int4_matmul) while the rest stay on the CPU.
 Streaming: when a layer sees many tokens, the cost model of hybrid/expert_streaming.py may decide
 to copy the experts the step routes to (read from the checkpoint's memory map) to the accelerator
-and multiply there instead of on the CPU; `expert_streaming="always"` forces it (the same code runs
-on the CPU, which is how tests check it). Layer l+1's copy is not yet overlapped with layer l's
-compute: the DoubleBuffer bookkeeping of expert_streaming.py is tested, not wired in.
+in double-buffered chunks and multiply there instead of on the CPU (hybrid/expert_streamer.py);
+`expert_streaming="always"` forces it (the same code runs on the CPU, which is how tests check it).
 
   hybrid profile MODEL_DIR --prompts FILE     -> MODEL_DIR/routing_profile.json (or --output)
   hybrid chat|serve|batch MODEL_DIR --gpu-experts N     (LLM(..., gpu_experts=N))
@@ -127,7 +126,8 @@ class HotExperts:
     def submit(self, x, topk_ids, topk_weights):
         self._streamed = self.policy is not None and self.policy.decide(self.layer, x.shape[0]).stream
         if self._streamed:                                   # every assignment on the accelerator
-            self._hot_out = self._hot_forward(x, topk_ids, topk_weights, torch.ones_like(topk_ids, dtype=torch.bool))
+            from .expert_streamer import stream_layer
+            self._hot_out, _ = stream_layer(x, topk_ids, topk_weights, lambda e: self.weights.get(e) or self.fetch(e))
             return
         cpu_ids, cpu_w, hot = self.split(topk_ids, topk_weights)
         self.cpu.submit(x, cpu_ids, cpu_w)                             # the CPU starts on the cold experts

@@ -74,13 +74,24 @@ def test_bad_profile_file(tmp_path):
         load_profile(p)
 
 
-def test_streamed_experts_give_the_same_logits(tiny_dir):
-    """expert_streaming="always": every layer's routed experts copied from the checkpoint and run by
-    the accelerator path (int4_matmul) instead of the CPU backend — same logits."""
+def test_streamed_experts_give_the_same_logits(tiny_dir, monkeypatch):
+    """expert_streaming="always": every layer's routed experts copied from the checkpoint in chunks of
+    3 experts through two buffers and run by the accelerator path (int4_matmul) — same logits."""
+    import hybrid.expert_streamer as streamer
+    monkeypatch.setattr(streamer, "CHUNK_EXPERTS", 3)
+    copies = []
+    real = streamer.stream_layer
+
+    def counting(*args, **kw):
+        out, device = real(*args, chunk_experts=streamer.CHUNK_EXPERTS, **kw)
+        copies.append(device.copies)
+        return out, device
+    monkeypatch.setattr(streamer, "stream_layer", counting)
     prompt = list(range(3, 40))
     plain = LLM(tiny_dir, expert_backend="torch", progress=False).score(prompt)
     streamed = LLM(tiny_dir, expert_backend="torch", progress=False, expert_streaming="always").score(prompt)
     assert (plain - streamed).abs().max() <= 1e-4 * plain.abs().max()
+    assert len(copies) == 2 and all(c >= 4 for c in copies)     # 2 MoE layers, >= 4 chunks of 3 experts each
 
 
 def test_auto_streaming_keeps_the_cpu_without_a_gpu(tiny_dir, caplog):
