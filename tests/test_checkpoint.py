@@ -99,7 +99,8 @@ def test_wrong_shape_is_named(ckpt_copy):
 
 
 def test_wrong_dtype_is_named(ckpt_copy):
-    packed = load_file(str(_shard_of(ckpt_copy, EXPERT + ".weight_packed")))["language_model." + EXPERT + ".weight_packed"]
+    name = EXPERT + ".weight_packed"
+    packed = load_file(str(_shard_of(ckpt_copy, name)))["language_model." + name]
     _rewrite(ckpt_copy, EXPERT + ".weight_packed", packed.to(torch.int64))
     with pytest.raises(CheckpointError, match=r"weight_packed' has dtype I64, expected I32"):
         _load(ckpt_copy)
