@@ -1,6 +1,7 @@
 """Shared fixtures: tiny synthetic checkpoints in the real layout, written once per test session."""
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,3 +36,11 @@ def checkpoint_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_dir(checkpoint_dir) -> Path:
     return checkpoint_dir("k2.6")
+
+
+@pytest.fixture
+def ckpt_copy(tiny_dir, tmp_path) -> Path:
+    """A private copy of the tiny checkpoint, for tests that damage or touch its files."""
+    dst = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, dst)
+    return dst

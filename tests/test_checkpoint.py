@@ -1,7 +1,6 @@
 """The checkpoint reader: lazy reads, and one clear error (file + tensor) for each kind of bad input."""
 import json
 import resource
-import shutil
 import struct
 
 import pytest
@@ -13,13 +12,6 @@ from hybrid.checkpoint import Checkpoint
 
 EXPERT = "model.layers.1.mlp.experts.3.up_proj"
 NORM = "model.layers.0.input_layernorm.weight"
-
-
-@pytest.fixture
-def ckpt_copy(tiny_dir, tmp_path):
-    dst = tmp_path / "ckpt"
-    shutil.copytree(tiny_dir, dst)
-    return dst
 
 
 def _shard_of(d, name):

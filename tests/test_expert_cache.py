@@ -1,7 +1,6 @@
 """The repacked-expert cache: a second start memory-maps it; a changed shard is detected and rebuilt."""
 import logging
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -13,10 +12,8 @@ pytest.importorskip("numba")
 
 
 @pytest.fixture
-def ckpt(tiny_dir, tmp_path):
-    d = tmp_path / "ckpt"
-    shutil.copytree(tiny_dir, d)
-    return d
+def ckpt(ckpt_copy):
+    return ckpt_copy
 
 
 def test_second_start_maps_the_cache_and_gives_the_same_logits(ckpt, tmp_path):
