@@ -3,7 +3,10 @@
 The template runs in a sandboxed jinja2 environment set up like Hugging Face's
 `apply_chat_template` (trim_blocks, lstrip_blocks, loopcontrols, the same `tojson`), with the
 model card's switches as template variables (`thinking`, `preserve_thinking`). Tools are
-deep-sorted by key first, as the checkpoint's tokenizer does.
+deep-sorted by key first, as the checkpoint's tokenizer does; for templates that read
+`tools_ts_str` (K2.5/K2.6) it is computed from the tools (hybrid/tool_declaration.py) unless the
+caller passes it, and left out -- so the template writes the JSON -- where the official encoder
+would fail too.
 
 Special tokens come only from the template: before rendering, every special-token string inside
 caller-supplied data (contents, names, ids, arguments, tools, extra kwargs) is swapped for a
@@ -25,26 +28,19 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from hybrid.tokenizer import SPECIAL_NAMES
+from hybrid.tool_declaration import deep_sort_dict, tools_to_typescript
 
 ROLES = ("system", "user", "assistant", "tool")
 _DEFAULT_SPECIALS = tuple(SPECIAL_NAMES.values())
 _RESERVED = r"<\|reserved_token_\d+\|>"
 _PUA_START = 0xF0000  # Supplementary Private Use Area-A: never produced by normal text
+_TS_VAR = "tools_ts_str"  # what K2.5/K2.6 templates read the TypeScript tool declaration from
 
 
 @dataclass(frozen=True)
 class Segment:
     text: str
     special: bool  # True: a template marker that is one special token
-
-
-def deep_sort_dict(obj: Any) -> Any:
-    """Recursively sort dict keys (what tokenization_kimi.py does to tools)."""
-    if isinstance(obj, dict):
-        return {k: deep_sort_dict(obj[k]) for k in sorted(obj)}
-    if isinstance(obj, list):
-        return [deep_sort_dict(v) for v in obj]
-    return obj
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
@@ -253,7 +249,13 @@ def render_chat_segments(template_text: str, messages: list[dict], tools: list |
     Text segments may contain special-token strings only if the caller's data did."""
     msgs = validate_messages(messages)
     tools = validate_tools(tools) if tools else None
+    if tools and _TS_VAR not in kwargs and _TS_VAR in template_text:
+        try:
+            kwargs[_TS_VAR] = tools_to_typescript(tools)
+        except ValueError:
+            pass  # the official tokenizer also falls back to the JSON declaration
     specials = list(special_tokens) if special_tokens is not None else list(_DEFAULT_SPECIALS)
+    # tools_ts_str is part of `data`, so special-token strings inside it stay plain text too
     data = {"messages": msgs, "tools": tools, **kwargs}
     nz = _Neutralizer(specials, data, template_text)
     ctx = nz.hide(data)

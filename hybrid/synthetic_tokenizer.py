@@ -187,7 +187,9 @@ def _learn_merges(n_merges: int, seed: int = 0) -> list[bytes]:
     return merges
 
 # Chat template with the structure of the K2.5/K2.6 `chat_template.jinja` (spec §5.4): a
-# tool_declare turn, <|im_{role}|>{name}<|im_middle|>{body}<|im_end|> turns with no newlines
+# tool_declare turn (the TypeScript-style `tools_ts_str` the tokenizer computes -- hybrid/chat.py
+# does it with hybrid/tool_declaration.py -- or, when that is empty/undefined, the compact tools
+# JSON), <|im_{role}|>{name}<|im_middle|>{body}<|im_end|> turns with no newlines
 # between them, `## Return of {id}` tool turns, reasoning dropped to <think></think> for history
 # up to the last assistant answer without tool calls (all kept with preserve_thinking), and the
 # generation prompt ending in <think> (thinking) or <think></think> (thinking=false).

@@ -8,6 +8,7 @@ import pytest
 from hybrid.chat import deep_sort_dict, encode_chat, render_chat, render_chat_segments
 from hybrid.synthetic_tokenizer import CHAT_TEMPLATE, write_tokenizer_files
 from hybrid.tokenizer import Tokenizer
+from hybrid.tool_declaration import tools_to_typescript
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather for a city.",
@@ -46,14 +47,16 @@ def _hf_tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=Fa
 
 
 def reference_render(messages, tools=None, **kwargs):
-    """Plain jinja2, as transformers' apply_chat_template sets it up (no placeholders)."""
+    """Plain jinja2, as transformers' apply_chat_template sets it up (no placeholders), with
+    the K2.5+ tokenizer's `tools_ts_str`."""
     if tools is None:  # the default jinja2.Template, nothing configured
         return jinja2.Template(CHAT_TEMPLATE).render(messages=messages, **kwargs)
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True,
                              extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _hf_tojson
     tools = json.loads(json.dumps(tools, sort_keys=True))
-    return env.from_string(CHAT_TEMPLATE).render(messages=messages, tools=tools, **kwargs)
+    return env.from_string(CHAT_TEMPLATE).render(messages=messages, tools=tools,
+                                                 tools_ts_str=tools_to_typescript(tools), **kwargs)
 
 
 # the model card's chat_template_kwargs: default (thinking), instant, preserved thinking
@@ -84,7 +87,8 @@ def test_golden_prompts():
     assert render_chat(CHAT_TEMPLATE, msgs, thinking=False) == \
         "<|im_user|>user<|im_middle|>Hi<|im_end|><|im_assistant|>assistant<|im_middle|><think></think>"
     assert render_chat(CHAT_TEMPLATE, msgs).endswith("<|im_assistant|>assistant<|im_middle|><think>")
-    text = render_chat(CHAT_TEMPLATE, msgs, TOOLS[:1], add_generation_prompt=False)
+    # an empty tools_ts_str -> the template's compact-JSON fallback
+    text = render_chat(CHAT_TEMPLATE, msgs, TOOLS[:1], add_generation_prompt=False, tools_ts_str="")
     assert text.startswith('<|im_system|>tool_declare<|im_middle|>[{"function":{"description":'
                            '"Current weather for a city.","name":"get_weather","parameters":'
                            '{"properties":{"city":')
@@ -108,7 +112,8 @@ def test_reasoning_history_rules():
 
 def test_tools_deep_sorted():
     assert list(deep_sort_dict({"b": 1, "a": {"d": [{"z": 1, "y": 2}], "c": 0}})) == ["a", "b"]
-    text = render_chat(CHAT_TEMPLATE, [{"role": "user", "content": "x"}], TOOLS[1:])
+    text = render_chat(CHAT_TEMPLATE, [{"role": "user", "content": "x"}], TOOLS[1:],
+                       tools_ts_str="")
     assert '[{"function":{"name":"get_time","parameters":{"properties":{},"type":"object"}},' \
            '"type":"function"}]' in text
 
