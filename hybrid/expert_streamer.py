@@ -65,6 +65,17 @@ class TorchStreamDevice:
             event.synchronize()
 
 
+def add_int4_expert(out: torch.Tensor, x: torch.Tensor, tok: torch.Tensor, k: torch.Tensor,
+                    weights: torch.Tensor, stored: tuple) -> None:
+    """out[tok] += weights[tok, k] * down(silu(gate(x[tok])) * up(x[tok])) for one expert whose
+    INT4 tensors (as stored) are on x's device."""
+    gp, gs, up, us, dp, ds = stored
+    xe = x[tok]
+    h = F.silu(int4_matmul(xe, gp, gs)) * int4_matmul(xe, up, us)
+    y = int4_matmul(h.to(x.dtype), dp, ds).float()
+    out.index_add_(0, tok, y * weights[tok, k, None].float())
+
+
 def stream_layer(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, fetch,
                  chunk_experts: int = CHUNK_EXPERTS) -> tuple[torch.Tensor, TorchStreamDevice]:
     """All routed assignments of x [T, D] computed on x's device with experts streamed in chunks."""
@@ -73,12 +84,9 @@ def stream_layer(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, fetc
     chunks = [experts[i:i + chunk_experts] for i in range(0, len(experts), chunk_experts)]
 
     def compute_chunk(resident: dict) -> None:
-        for e, (gp, gs, up, us, dp, ds) in resident.items():
+        for e, stored in resident.items():
             tok, k = torch.where(ids == e)
-            xe = x[tok]
-            h = F.silu(int4_matmul(xe, gp, gs)) * int4_matmul(xe, up, us)
-            y = int4_matmul(h.to(x.dtype), dp, ds).float()
-            out.index_add_(0, tok, y * weights[tok, k, None].float())
+            add_int4_expert(out, x, tok, k, weights, stored)
 
     device = TorchStreamDevice(x.device, fetch, chunks, compute_chunk)
     DoubleBuffer(device, list(range(len(chunks)))).run()

@@ -22,9 +22,10 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from gpu_kernels.int4_matmul import int4_matmul
+from . import expert_streamer
+from .expert_streamer import add_int4_expert
+from .loader import expert_int4
 
 PROFILE_FILE = "routing_profile.json"
 
@@ -108,26 +109,20 @@ class HotExperts:
         return torch.where(hot, cold_first, ids), torch.where(hot, 0.0, weights), hot
 
     def _hot_forward(self, x, ids, weights, hot) -> torch.Tensor | None:
+        """The hot (resident) experts' share of the routed output, on the accelerator."""
         if not hot.any():
             return None
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
         for e in ids[hot].unique().tolist():
             tok, k = torch.where((ids == e) & hot)
-            ws = self.weights.get(e)
-            if ws is None:                                   # streamed: copied in for this step only
-                ws = tuple(t.to(self.device, non_blocking=True) for t in self.fetch(e))
-            gp, gs, up, us, dp, ds = ws
-            xe = x[tok]
-            h = F.silu(int4_matmul(xe, gp, gs)) * int4_matmul(xe, up, us)
-            y = int4_matmul(h.to(x.dtype), dp, ds).float()
-            out.index_add_(0, tok, y * weights[tok, k, None].float())
+            add_int4_expert(out, x, tok, k, weights, self.weights[e])
         return out
 
     def submit(self, x, topk_ids, topk_weights):
         self._streamed = self.policy is not None and self.policy.decide(self.layer, x.shape[0]).stream
         if self._streamed:                                   # every assignment on the accelerator
-            from .expert_streamer import stream_layer
-            self._hot_out, _ = stream_layer(x, topk_ids, topk_weights, lambda e: self.weights.get(e) or self.fetch(e))
+            self._hot_out, _ = expert_streamer.stream_layer(x, topk_ids, topk_weights,
+                                                            lambda e: self.weights.get(e) or self.fetch(e))
             return
         cpu_ids, cpu_w, hot = self.split(topk_ids, topk_weights)
         self.cpu.submit(x, cpu_ids, cpu_w)                             # the CPU starts on the cold experts
@@ -175,18 +170,13 @@ def attach_accelerator_experts(llm, gpu_experts: int = 0, streaming: str = "off"
         from .expert_streaming import LayerShape, Rates, StreamingPolicy
         rates = Rates(**rates) if isinstance(rates, dict) else rates
         policy = StreamingPolicy(rates if llm.device.type == "cuda" else None, LayerShape.from_config(c))
-    D, I = c.hidden_size, c.moe_intermediate_size
-    shapes = {"gate_proj": (I, D), "up_proj": (I, D), "down_proj": (D, I)}
-
     def fetcher(layer):
         def fetch(e):
-            parts = []
-            for proj, (rows, cols) in shapes.items():
-                module = f"model.layers.{layer}.mlp.experts.{e}.{proj}"
-                if llm.checkpoint.weight_format(module) != "int4":
-                    raise ValueError(f"experts on the accelerator need INT4 checkpoints; {module} is not INT4")
-                parts.extend(llm.checkpoint.int4(module, rows, cols))
-            return tuple(parts)
+            stored = expert_int4(llm.checkpoint, layer, e)
+            if stored is None:
+                raise ValueError(f"experts on the accelerator need INT4 checkpoints; "
+                                 f"model.layers.{layer}.mlp.experts.{e} is not INT4")
+            return stored
         return fetch
 
     for layer in range(c.num_hidden_layers):

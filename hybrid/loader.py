@@ -140,6 +140,22 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, exper
     return model.eval()
 
 
+def expert_projections(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """The routed expert's projections and their [out, in] shapes."""
+    D, I = config.hidden_size, config.moe_intermediate_size
+    return {"gate_proj": (I, D), "up_proj": (I, D), "down_proj": (D, I)}
+
+
+def expert_int4(ckpt: Checkpoint, layer: int, e: int) -> tuple | None:
+    """(gate_packed, gate_scale, up_packed, up_scale, down_packed, down_scale) as stored, or None
+    when the expert is not stored as INT4 (bf16 / FP8 checkpoints)."""
+    P = f"model.layers.{layer}.mlp.experts.{e}"
+    shapes = expert_projections(ckpt.config)
+    if not all(ckpt.weight_format(f"{P}.{proj}") == "int4" for proj in shapes):
+        return None
+    return tuple(t for proj, (n, k) in shapes.items() for t in ckpt.int4(f"{P}.{proj}", n, k))
+
+
 def load_experts(ckpt: Checkpoint, i: int, backend: str, num_threads: int | None,
                  cache_dir: Path | None = None, act_format: str | None = None):
     c = ckpt.config
@@ -149,17 +165,14 @@ def load_experts(ckpt: Checkpoint, i: int, backend: str, num_threads: int | None
         cached = load_layer(cache_dir, ckpt, i, num_threads, act_format or "int8")
         if cached is not None:
             return cached
-    D, I = c.hidden_size, c.moe_intermediate_size
     experts = make_experts(backend, c, num_threads, act_format)
-    shapes = {"gate_proj": (I, D), "up_proj": (I, D), "down_proj": (D, I)}
+    shapes = expert_projections(c)
     for e in range(c.n_routed_experts):
-        P = f"model.layers.{i}.mlp.experts.{e}"
-        if all(ckpt.weight_format(f"{P}.{proj}") == "int4" for proj in shapes):
-            parts = []
-            for proj, (n, k) in shapes.items():
-                parts.extend(ckpt.int4(f"{P}.{proj}", n, k))
-            experts.load_expert(e, *parts)
+        stored = expert_int4(ckpt, i, e)
+        if stored is not None:
+            experts.load_expert(e, *stored)
         else:
+            P = f"model.layers.{i}.mlp.experts.{e}"
             experts.load_expert_dense(e, *(ckpt.linear(f"{P}.{proj}", n, k) for proj, (n, k) in shapes.items()))
     if use_cache:
         from .expert_cache import save_layer
