@@ -135,5 +135,5 @@ class TorchExperts:
         return out
 
     def forward(self, x, topk_ids, topk_weights):
-        self.submit(x, topk_ids, topk_weights)
-        return self.wait()
+        """Synchronous: the scheduler already calls this from its worker thread, so no thread of our own."""
+        return self._compute(x.detach().to("cpu"), topk_ids.to("cpu"), topk_weights.to("cpu", torch.float32))

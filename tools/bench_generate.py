@@ -45,9 +45,9 @@ def accelerator_bytes(llm) -> int:
 
 def expert_bytes_touched(llm, moe_ids: list[torch.Tensor]) -> int:
     """INT4 bytes (packed + bf16 scales) of the distinct experts each MoE layer used in one step."""
-    c = llm.config
-    per_expert = 3 * c.hidden_size * c.moe_intermediate_size * (0.5 + 2 / 32)
-    return int(sum(len(ids.unique()) for ids in moe_ids) * per_expert)
+    from hybrid.expert_streaming import LayerShape
+    per_expert = LayerShape.from_config(llm.config).expert_bytes
+    return sum(len(ids.unique()) for ids in moe_ids) * per_expert
 
 
 class ForwardTimer:
