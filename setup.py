@@ -12,7 +12,7 @@ setup(
     description="CPU/GPU hybrid inference runtime for Kimi K2.6-class MoE models",
     python_requires=">=3.10",
     packages=find_packages(include=["hybrid", "hybrid.*", "cpu_kernels", "cpu_kernels.*",
-                                    "gpu_kernels", "gpu_kernels.*", "tools", "tools.*"]),
+                                    "gpu_kernels", "gpu_kernels.*"]),
     install_requires=[
         "torch>=2.4,<2.15",
         "numpy>=1.26",
@@ -38,5 +38,5 @@ setup(
         ],
         "triton": ["triton>=3.0"],
     },
-    entry_points={"console_scripts": ["hybrid=hybrid.cli:main"]},
+    entry_points={"console_scripts": ["hybrid=hybrid.apps.cli:main"]},
 )

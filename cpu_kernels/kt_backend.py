@@ -13,11 +13,16 @@ Its own API (``kt_kernel_ext``): ``CPUInfer(WorkerPoolConfig)`` runs tasks on it
 ``quant_config`` (bits 4, group 32, no zero point) -> ``AVX2RawInt4_MOE(config)``;
 ``load_weights_task(map_ptr)`` and ``forward_task(bsz_ptr, k, ids_ptr, w_ptr, in_ptr, out_ptr,
 incremental)`` are submitted to CPUInfer, ``sync()`` waits. Activations travel as bf16.
+kt-kernel's C++ code prints to the process's stdout (``CPUInfer ... Hello``, ``NumaPool``,
+``Goodbye``); every call into it that prints runs inside ``quiet_native_output``, which points file
+descriptors 1 and 2 at /dev/null meanwhile, so nothing reaches the user's terminal.
 Checked by tests/test_cpu_kernels.py (skipped without kt-kernel); tools/bench_experts.py.
 """
+import atexit
+import contextlib
 import importlib.util
 import os
-import time
+import sys
 
 import numpy as np
 import torch
@@ -31,9 +36,34 @@ def kt_available() -> bool:
     return importlib.util.find_spec("kt_kernel") is not None
 
 
+@contextlib.contextmanager
+def quiet_native_output():
+    """Send what native code writes to fds 1 and 2 to /dev/null while the block runs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
 def _ext():
-    import kt_kernel  # noqa: F401  (loads the extension variant for this CPU)
+    with quiet_native_output():
+        import kt_kernel  # noqa: F401  (loads the extension variant for this CPU)
     return kt_kernel.kt_kernel_ext
+
+
+def _close_pools():
+    """kt-kernel's pools print "Goodbye" when destroyed: destroy them quietly at exit."""
+    with quiet_native_output():
+        KTExperts._cpu_infer.clear()
 
 
 def _host_flags() -> set:
@@ -60,10 +90,10 @@ def _rawint4_class(ext):
 
 
 class KTExperts:
-    """Routed experts on kt-kernel (RAWINT4); same interface as ``CPUExperts``."""
+    """Routed experts on kt-kernel (RAWINT4): ``load_expert`` takes the checkpoint's INT4 tensors as
+    stored (kt reads the int32 words itself), ``forward`` is synchronous, as ``CPUExperts``."""
 
-    LOGIT_TOL = 3e-2  # relative logit error vs transformers (tests/test_model.py; measured 1.1e-2)
-
+    ACT_FORMATS = ("bf16",)
     _cpu_infer = {}  # threads -> CPUInfer (kt-kernel keeps one pool per process)
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
@@ -75,7 +105,6 @@ class KTExperts:
         self._tensors = [None] * num_experts  # per expert: (gate_w, gate_s, up_w, up_s, down_w, down_s)
         self._loaded = np.zeros(num_experts, bool)
         self._moe = None
-        self._pending = None
 
     @property
     def nbytes(self) -> int:
@@ -85,21 +114,12 @@ class KTExperts:
         assert 0 <= e < self.E, f"expert {e} out of range [0, {self.E})"
         ts = []
         for p, s in ((gate_packed, gate_scale), (up_packed, up_scale), (down_packed, down_scale)):
-            p = torch.from_numpy(layout.to_numpy_int32(p).copy())
+            p = torch.as_tensor(p).detach().cpu().to(torch.int32).clone()
             ts.append(p.view(torch.uint8).view(p.shape[0], p.shape[1] * 4))  # the same bytes, as kt wants
-            ts.append(torch.from_numpy(layout.bf16_bits(s).copy()).view(torch.bfloat16))
+            ts.append(torch.as_tensor(s).detach().cpu().to(torch.bfloat16).clone())
         self._tensors[e] = tuple(ts)
         self._loaded[e] = True
         self._moe = None  # rebuilt at the next forward
-
-    def load_expert_dense(self, e, w_gate, w_up, w_down):
-        self.load_expert(e, *layout.quantize_rtn(w_gate), *layout.quantize_rtn(w_up),
-                         *layout.quantize_rtn(w_down))
-
-    def dequantized(self, e):
-        gw, gs, uw, us, dw, ds = self._tensors[e]
-        return tuple(torch.from_numpy(layout.dequantize_layout(layout.repack(w.view(torch.int32), s)))
-                     for w, s in ((gw, gs), (uw, us), (dw, ds)))
 
     def _build(self):
         ext = _ext()
@@ -108,7 +128,10 @@ class KTExperts:
             cfg.subpool_count = 1
             cfg.subpool_numa_map = [0]
             cfg.subpool_thread_count = [self.num_threads]
-            KTExperts._cpu_infer[self.num_threads] = ext.CPUInfer(cfg)
+            if not KTExperts._cpu_infer:
+                atexit.register(_close_pools)
+            with quiet_native_output():
+                KTExperts._cpu_infer[self.num_threads] = ext.CPUInfer(cfg)
         self._infer = KTExperts._cpu_infer[self.num_threads]
         zero = tuple(torch.zeros_like(t) for t in next(ts for ts in self._tensors if ts))
         ts = [t if t is not None else zero for t in self._tensors]
@@ -123,14 +146,15 @@ class KTExperts:
         cfg.quant_config.bits = 4
         cfg.quant_config.group_size = layout.GROUP
         cfg.quant_config.zero_point = False
-        self._moe = _rawint4_class(ext)(cfg)
-        self._map = torch.arange(self.E, dtype=torch.int64)
-        self._infer.submit(self._moe.load_weights_task(self._map.data_ptr()))
-        self._infer.sync()
+        with quiet_native_output():
+            self._moe = _rawint4_class(ext)(cfg)
+            self._map = torch.arange(self.E, dtype=torch.int64)
+            self._infer.submit(self._moe.load_weights_task(self._map.data_ptr()))
+            self._infer.sync()
         self._keep = ts  # kt keeps pointers into these
 
-    def submit(self, x, topk_ids, topk_weights):
-        assert self._pending is None, "submit() called twice without wait()"
+    def forward(self, x, topk_ids, topk_weights) -> torch.Tensor:
+        """fp32 [T, D]; kt runs the tasks on its own thread pool, this call waits for them."""
         if self._moe is None:
             self._build()
         x = torch.as_tensor(x).to(torch.bfloat16).contiguous()
@@ -140,7 +164,7 @@ class KTExperts:
             raise ValueError("some routed experts were never loaded")
         T, K = ids.shape
         out = torch.zeros((T, self.D), dtype=torch.bfloat16)
-        bsz = []
+        bsz = []   # kept alive until the tasks finish
         for t0 in range(0, T, MAX_LEN):
             n = min(MAX_LEN, T - t0)
             b = torch.tensor([n], dtype=torch.int32)
@@ -148,51 +172,7 @@ class KTExperts:
             self._infer.submit(self._moe.forward_task(
                 b.data_ptr(), K, ids[t0].data_ptr(), wts[t0].data_ptr(), x[t0].data_ptr(),
                 out[t0].data_ptr(), False))
-        self._pending = (x, ids, wts, out, bsz)  # alive until the tasks finish
-
-    def wait(self) -> torch.Tensor:
-        assert self._pending is not None, "wait() without submit()"
         self._infer.sync()
-        out = self._pending[3]
-        self._pending = None
         return out.float()
 
-    def forward(self, x, topk_ids, topk_weights) -> torch.Tensor:
-        self.submit(x, topk_ids, topk_weights)
-        return self.wait()
-
     __call__ = forward
-
-
-def bench_kt(threads, decode_experts, prefill_experts, quick=False, say=print):
-    """kt-kernel figures for tools/bench_experts.py: same shapes, routing and timing method."""
-    import tools.bench_experts as B
-
-    res = {}
-    os.environ.setdefault("KT_RAWINT4_BACKEND", "avx2")
-
-    def make(E):
-        ex = KTExperts(E, B.D, B.I, num_threads=threads)
-        rng = np.random.default_rng(0)
-        packs = {}
-        for n, k in ((B.I, B.D), (B.D, B.I)):
-            u = rng.integers(0, 16, (n, k), dtype=np.uint8)
-            packs[n, k] = (torch.from_numpy(layout.pack_compressed(u)),
-                           torch.full((n, k // 32), 0.01, dtype=torch.bfloat16))
-        for e in range(E):  # each expert its own copy, as in memory for real
-            g, d = packs[B.I, B.D], packs[B.D, B.I]
-            ex.load_expert(e, *g, *g, *d)
-        return ex
-
-    ex = make(decode_experts)
-    t0 = time.perf_counter()
-    dec = B.bench_decode(ex, threads, steps=10 if quick else 40)
-    res["kt_decode_gbs"] = dec
-    say(f"\nkt-kernel ({_rawint4_class(_ext()).__name__}): decode {dec:.2f} GB/s "
-        f"({time.perf_counter() - t0:.0f} s)")
-    del ex
-    ex = make(prefill_experts)
-    g = B.bench_prefill(ex, 512, False, reps=1)
-    res["kt_prefill_512_gflops"] = g
-    say(f"kt-kernel: prefill T=512 uniform {g:.1f} GFLOP/s")
-    return res

@@ -1,8 +1,10 @@
-"""INT4 expert weight layout: compressed-tensors -> kernel layout, and back.
+"""INT4 expert weight layout of the CPU kernels: unsigned nibbles + bf16 scales -> kernel layout, and back.
 
-On disk (compressed-tensors "pack-quantized", KIMI_K2_SPEC.md §2.3), a Linear with N outputs and
-K inputs is ``packed`` int32 [N, K/8] (column 8j+i in bits 4i..4i+3 of word j, u in [0, 15],
-q = u - 8) plus ``scale`` bf16 [N, K/32] (one per row and group of 32 inputs).
+Input (what ``repack`` takes): a Linear with N outputs and K inputs as unsigned nibbles
+``u`` uint8 [N, K] (u = q + 8 in [0, 15], q the signed INT4 value) and ``scale`` bf16 [N, K/32]
+(one per row and group of 32 inputs). Unpacking the checkpoint's int32 words into ``u`` is the
+runtime's job (hybrid/formats.py, the one definition of the on-disk format); this package imports
+nothing from hybrid/.
 
 Kernel layout (what ``moe_int4.py`` streams): tiles of 8 output rows ("vertical SIMD": the 8
 lanes of an fp32/int32 AVX2 register are 8 rows), G = K/32 groups, one 144-byte block per
@@ -24,7 +26,7 @@ Dequantization used everywhere in this package: W[r, c] = float32(u - 8) * float
 is exact in fp32 (4-bit times 8-bit mantissa). compressed-tensors rounds that product to bf16;
 the two differ by at most half a bf16 ulp (2^-9 relative) on some elements.
 
-Checked by tests/test_cpu_kernels.py (round trip against an independent unpack, byte sizes).
+Checked by tests/test_cpu_kernels.py (round trip, byte sizes).
 """
 import numpy as np
 import torch
@@ -33,16 +35,6 @@ LAYOUT_VERSION = 1  # bump when the byte layout below changes (invalidates cache
 GROUP = 32          # inputs per scale group (compressed-tensors group_size)
 TILE = 8            # output rows per tile (one AVX2 register of fp32 / int32 lanes)
 BLOCK_BYTES = 144   # per (tile, group): 8 rows x 32 nibbles = 128 bytes + 8 bf16 scales
-
-
-def to_numpy_int32(packed):
-    if isinstance(packed, torch.Tensor):
-        packed = packed.detach().cpu()
-        assert packed.dtype == torch.int32, f"weight_packed must be int32, got {packed.dtype}"
-        return packed.numpy()
-    packed = np.asarray(packed)
-    assert packed.dtype in (np.int32, np.uint32), f"weight_packed must be int32, got {packed.dtype}"
-    return packed.view(np.int32)
 
 
 def bf16_bits(scale) -> np.ndarray:
@@ -60,33 +52,18 @@ def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def unpack_compressed(packed) -> np.ndarray:
-    """compressed-tensors int32 [N, K/8] -> unsigned nibbles u uint8 [N, K]."""
-    p = to_numpy_int32(packed).view(np.uint32)
-    n, kw = p.shape
-    shifts = (4 * np.arange(8, dtype=np.uint32))
-    return ((p[:, :, None] >> shifts) & 0xF).astype(np.uint8).reshape(n, kw * 8)
-
-
-def pack_compressed(u: np.ndarray) -> np.ndarray:
-    """Unsigned nibbles u uint8 [N, K] -> compressed-tensors int32 [N, K/8]."""
-    n, k = u.shape
-    assert k % 8 == 0
-    words = u.reshape(n, k // 8, 8).astype(np.uint32) << (4 * np.arange(8, dtype=np.uint32))
-    return np.bitwise_or.reduce(words, axis=2).view(np.int32)
-
-
 def layout_shape(n: int, k: int) -> tuple[int, int, int]:
     assert n % TILE == 0, f"N={n} is not a multiple of the row tile {TILE}"
     assert k % GROUP == 0, f"K={k} is not a multiple of the group size {GROUP}"
     return (n // TILE, k // GROUP, BLOCK_BYTES)
 
 
-def repack(packed, scale, out=None) -> np.ndarray:
-    """compressed-tensors (packed int32 [N, K/8], scale bf16 [N, K/32]) -> kernel layout w.
+def repack(u, scale, out=None) -> np.ndarray:
+    """(nibbles u uint8 [N, K], scale bf16 [N, K/32]) -> kernel layout w uint8 [N/8, K/32, 144].
 
-    Writes into ``out`` uint8 [N/8, K/32, 144] when given (a preallocated buffer)."""
-    u = unpack_compressed(packed)
+    Writes into ``out`` when given (a preallocated buffer)."""
+    u = u.numpy() if isinstance(u, torch.Tensor) else np.asarray(u)
+    assert u.dtype == np.uint8 and u.ndim == 2, f"u must be uint8 [N, K] nibbles, got {u.dtype} {u.shape}"
     n, k = u.shape
     shape = layout_shape(n, k)
     t8, g = shape[0], shape[1]
@@ -118,25 +95,3 @@ def dequantize_layout(w: np.ndarray) -> np.ndarray:
     q = u.astype(np.float32) - 8.0
     n, k = q.shape
     return (q.reshape(n, k // GROUP, GROUP) * bf16_bits_to_f32(s)[:, :, None]).reshape(n, k)
-
-
-def quantize_rtn(w) -> tuple[np.ndarray, torch.Tensor]:
-    """Dense [N, K] (float/bf16) -> compressed-tensors (packed int32 [N, K/8], scale bf16 [N, K/32]).
-
-    Round-to-nearest, symmetric, group 32. The scale is max(max(w)/7, -min(w)/8) rounded *up* to
-    bf16, so no value is clipped and every error is <= scale/2 (compressed-tensors' absmax/7.5
-    clips the group's largest positive value by half a step: 0.095 vs 0.092 relative rms error
-    on Gaussian weights)."""
-    if isinstance(w, torch.Tensor):
-        w = w.detach().cpu().float().numpy()
-    w = np.asarray(w, dtype=np.float32)
-    n, k = w.shape
-    assert k % GROUP == 0, f"K={k} is not a multiple of the group size {GROUP}"
-    wg = w.reshape(n, k // GROUP, GROUP)
-    scale = np.maximum(np.maximum(wg.max(axis=2) / 7.0, -wg.min(axis=2) / 8.0), np.finfo(np.float32).tiny)
-    bits = bf16_bits(scale)
-    bits = np.where(bf16_bits_to_f32(bits) < scale, bits + 1, bits).astype(np.uint16)  # round up
-    sf = bf16_bits_to_f32(bits)
-    q = np.clip(np.rint(wg / sf[:, :, None]), -8, 7).astype(np.int16)
-    u = (q + 8).astype(np.uint8).reshape(n, k)
-    return pack_compressed(u), torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)

@@ -1,8 +1,8 @@
-"""Plain numpy references for the routed-expert kernels (the correctness yardstick).
+"""Plain numpy reference for the routed-expert kernels (the correctness yardstick).
 
-``moe_int4_ref`` runs the routed experts on dense (dequantized) weights; ``dequantize_ref``
-decodes compressed-tensors INT4 straight from the on-disk format. Compare a fast kernel with
-``moe_int4_ref`` run on the *same* dequantized weights (``CPUExperts.dequantized``).
+``moe_int4_ref`` runs the routed experts on dense (dequantized) weights. Compare a fast kernel with
+``moe_int4_ref`` run on the *same* dequantized weights (``CPUExperts.dequantized``); the runtime's
+"ref" backend (hybrid/experts/backends.py) runs it on weights dequantized as compressed-tensors does.
 Checked by tests/test_cpu_kernels.py.
 """
 import numpy as np
@@ -15,21 +15,6 @@ def _np32(a):
     if isinstance(a, torch.Tensor):
         return a.detach().cpu().float().numpy()
     return np.asarray(a, dtype=np.float32)
-
-
-def dequantize_ref(packed, scale, round_bf16: bool = False) -> np.ndarray:
-    """compressed-tensors packed int32 [N, K/8] + scale [N, K/32] -> float32 [N, K] = (u-8)*scale.
-
-    round_bf16=True rounds each weight to bf16 as compressed-tensors' own dequantization does
-    (KIMI_K2_SPEC.md §2.3); False keeps the exact fp32 product, which the INT4 kernels use."""
-    p = (packed.numpy() if isinstance(packed, torch.Tensor) else np.asarray(packed)).view(np.uint32)
-    u = np.stack([(p >> (4 * i)) & 0xF for i in range(8)], axis=2).reshape(p.shape[0], -1)
-    q = u.astype(np.float32) - 8.0
-    s = _np32(scale)
-    w = q * np.repeat(s, 32, axis=1)
-    if round_bf16:
-        w = torch.from_numpy(w).to(torch.bfloat16).float().numpy()
-    return w
 
 
 def silu(z):

@@ -1,8 +1,10 @@
 """INT4 (compressed-tensors pack-quantized, group 32) dequantize-and-multiply: y = x . W^T.
 
-W [N, K] is stored as on disk (KIMI_K2_SPEC.md §2.3, definitions in hybrid/quant.py): weight_packed
-int32 [N, K/8] with column 8j+i in bits 4i..4i+3 of word j (u = q + 8), weight_scale bf16 [N, K/group];
-W[n, k] = bf16(q * scale[n, k // group]). The kernel unpacks a [BLOCK_N, BLOCK_K] tile in registers,
+W [N, K] is stored as on disk, compressed-tensors pack-quantized (docs/kimi_k2.md §2; the runtime's
+definition is hybrid/formats.py, which this package does not import): weight_packed int32 [N, K/8] with
+column 8j+i in bits 4i..4i+3 of word j (u = q + 8), weight_scale bf16 [N, K/group];
+W[n, k] = bf16(q * scale[n, k // group]). tests/test_gpu_kernels.py checks the reference below against
+compressed-tensors' own unpacker. The kernel unpacks a [BLOCK_N, BLOCK_K] tile in registers,
 scales it, rounds to bf16 exactly like the reference, and accumulates x . W^T in fp32 — the dense
 weight never exists in memory. For routed experts on the GPU (hot experts, long-prefill streaming).
 T tokens, K in_features, N out_features. Tests: tests/test_gpu_kernels.py.
@@ -21,7 +23,7 @@ except ImportError:
 def int4_matmul_ref(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                     group: int = 32) -> torch.Tensor:
     """x [T, K] . dequantize(W)^T -> [T, N] in x.dtype (fp32 accumulation)."""
-    from hybrid.quant import dequantize_int4   # the one definition of the format; imported late (no cycle)
+    from hybrid.formats import dequantize_int4   # the one definition of the format; imported late (no cycle)
     K = x.shape[-1]
     w = dequantize_int4(weight_packed.cpu(), weight_scale.cpu(), K, group).to(x.device)   # quant.py is CPU code
     return (x.float() @ w.float().T).to(x.dtype)

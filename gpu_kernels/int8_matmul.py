@@ -2,7 +2,7 @@
 
 Wq [N, K] is int8 (symmetric, q in [-127, 127], scale = amax(row) / 127) or float8_e4m3fn
 (scale = amax(row) / 448); one fp32 scale per output channel. Weights are quantized once at load
-(hybrid/gpu_weights.py); activations stay in bf16/fp32, so this halves the bytes every decode step
+(hybrid/model/int8_linear.py); activations stay in bf16/fp32, so this halves the bytes every decode step
 reads from GPU memory. T tokens, K in_features, N out_features. Tests: tests/test_gpu_kernels.py.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MLA decode attention over the latent cache, absorbed form (KIMI_K2_SPEC.md §4.5).
+"""MLA decode attention over the latent cache, absorbed form (docs/kimi_k2.md §4).
 
 Per sequence b (cache row slots[b], lengths[b] cached tokens) and head h:
     score[t] = (q_lat[b,h] . ckv[slot, t] + q_pe[b,h] . kpe[slot, t]) * softmax_scale
@@ -10,7 +10,7 @@ Triton kernel: one program per (sequence, block of heads, split of the keys) —
 share every latent row they read, and splitting long sequences (flash-decoding) keeps the GPU busy at
 batch 1; each split writes its partial output and log-sum-exp, combined in torch.
 B sequences, H heads, R kv_lora_rank, P rope dim, S cache rows, Lmax cache length.
-Tests: tests/test_gpu_kernels.py (interpreter vs reference; reference vs hybrid/attention.py).
+Tests: tests/test_gpu_kernels.py (interpreter vs reference; reference vs hybrid/model/attention.py).
 """
 from __future__ import annotations
 

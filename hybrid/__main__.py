@@ -1,6 +1,6 @@
-"""`python -m hybrid` is the `hybrid` command (hybrid/cli.py). Checked by tests/test_cli.py."""
+"""`python -m hybrid` is the `hybrid` command (hybrid/apps/cli.py). Checked by tests/test_cli.py."""
 import sys
 
-from .cli import main
+from hybrid.apps.cli import main
 
 sys.exit(main())

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ModelConfig
-from .quant import dequantize_fp8_block, dequantize_int4
+from hybrid.config import ModelConfig
+from hybrid.formats import dequantize_fp8_block, dequantize_int4
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -172,7 +172,10 @@ class Checkpoint:
         return name in self._where
 
     def file_of(self, name: str) -> Path:
-        return self._where[name][0].path if name in self._where else self.dir
+        """The shard holding tensor `name` (KeyError if the checkpoint has no such tensor)."""
+        if name not in self._where:
+            raise KeyError(f"{self.dir}: no tensor {name!r}")
+        return self._where[name][0].path
 
     def tensor(self, name: str, shape: tuple | None = None, dtypes: tuple | None = None) -> torch.Tensor:
         """The stored tensor (memory-mapped, read-only), checked against `shape` and `dtypes`."""

@@ -4,7 +4,7 @@ One `Engine.step()` runs ONE forward over every running sequence: prompts being 
 chunks of at most `max_prefill_tokens` per step) and sequences decoding one token each, packed
 together, so the MoE groups every token of the step by expert and each expert's weights are read
 once per step. Requests join between steps (continuous batching) and leave when done; a finished
-sequence leaves its tokens in its cache slot for prefix reuse (hybrid/kv_cache.py).
+sequence leaves its tokens in its cache slot for prefix reuse (hybrid/model/kv_cache.py).
 The user's object, `LLM` (score / generate / stream / chat), is in hybrid/llm.py.
 Checked by tests/test_engine.py (greedy tokens equal transformers' generate, batching, stops).
 """
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import Batch
-from .kv_cache import LatentCache, SlotPool
-from .sampling import SamplerState, SamplingParams, sample
+from hybrid.model.attention import Step
+from hybrid.model.kv_cache import LatentCache, SlotPool
+from hybrid.sampling import SamplerState, SamplingParams, sample
 
 
 @dataclass
@@ -140,10 +140,9 @@ class Engine:
             if seq.cached + n >= len(seq.prompt):       # this step's last row gives its next token
                 sample_rows.append(len(ids) - 1)
                 sampled.append(seq)
-        batch = Batch(slots, starts, lengths,
-                      torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(self.device))
+        step = Step.build(slots, starts, lengths, self.device)      # every tensor the layers need, once
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        logits = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), batch, self.cache,
+        logits = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), step, self.cache,
                             logits_for=rows).cpu()
         # only now do the new rows count as cached: if the forward raised (or was interrupted), every
         # sequence keeps its old `cached`, so a half-written step is never offered for prefix reuse

@@ -1,23 +1,43 @@
-"""LLM: the object a user holds. Loads a checkpoint (memory plan, config, reader, model, expert backend,
-tokenizer) and offers score / generate / stream / chat on top of the engine (hybrid/engine.py).
-Checked by tests/test_model.py, tests/test_engine.py.
+"""LLM: the object a user holds. Loads a checkpoint (config, expert backend choice, memory plan, reader,
+model, the expert worker, tokenizer) and offers score / generate / stream / chat on top of the engine
+(hybrid/engine.py). Checked by tests/test_model.py, tests/test_engine.py.
 """
 from __future__ import annotations
 
+import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from .attention import Batch
-from .checkpoint import Checkpoint
-from .config import load_config
-from .engine import Engine, RequestOutput
-from .loader import load_model
-from .placement import default_dtype, format_placement, placement_summary, resolve_device
-from .sampling import SamplingParams
+from hybrid.checkpoint import Checkpoint
+from hybrid.config import load_config
+from hybrid.engine import Engine, RequestOutput
+from hybrid.experts.backends import resolve_backend
+from hybrid.model.attention import Step
+from hybrid.model.inventory import format_placement, placement_summary
+from hybrid.model.loader import load_model
+from hybrid.sampling import SamplingParams
+
+log = logging.getLogger("hybrid")
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but torch sees no CUDA GPU; use device='auto' or 'cpu'")
+    return d
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU (as the checkpoint); float32 on the CPU, where bf16 matmuls are slow."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 class LLM:
@@ -40,7 +60,7 @@ class LLM:
         gpu_experts: keep the N most used routed experts of MODEL_DIR/routing_profile.json
             (`hybrid profile`) on the accelerator.
         expert_streaming: "off" | "auto" (per-layer cost model fed by expert_rates, see
-            hybrid/expert_streaming.py; CPU-only machines always keep the CPU) | "always".
+            hybrid/experts/streaming.py; CPU-only machines always keep the CPU) | "always".
         expert_cache: True keeps the repacked experts in MODEL_DIR/.hybrid-cache (a folder path:
             there), memory-mapped at the next start instead of repacked.
         check_memory: compare the memory plan with this machine before reading any weight, and
@@ -55,14 +75,22 @@ class LLM:
                 raise ValueError(f"dtype {dtype!r} unknown; choose one of {', '.join(DTYPE_NAMES)}")
             dtype = DTYPE_NAMES[dtype]
         self.dtype = dtype or default_dtype(self.device)
+        self.expert_backend, why = resolve_backend(expert_backend, self.config, num_threads, expert_act_format)
+        log.info("expert backend: %s (%s)", self.expert_backend, why)
+        if progress or why.startswith("FALLBACK"):
+            print(f"routed experts: {self.expert_backend} backend ({why})", file=sys.stderr)
+        if expert_cache and self.expert_backend != "numba":
+            raise ValueError(f"expert_cache keeps the numba kernels' repacked layout; the expert backend is "
+                             f"{self.expert_backend!r} (use expert_backend='numba', or no cache)")
         if check_memory:
-            from .plan import check_before_load
+            from hybrid.plan import check_before_load
             check_before_load(self.config, context=min(max_context, self.config.max_position_embeddings),
-                              batch=max_batch, gpu_weights=gpu_weights, gpu_experts=gpu_experts)
+                              batch=max_batch, gpu_weights=gpu_weights, gpu_experts=gpu_experts,
+                              expert_backend=self.expert_backend)
         self.checkpoint = Checkpoint(self.model_dir, self.config)
         self.tokenizer = None
         if (self.model_dir / "tiktoken.model").is_file():
-            from .tokenizer import Tokenizer
+            from hybrid.text.tokenizer import Tokenizer
             self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
         cache_dir = None
         if expert_cache:
@@ -71,14 +99,17 @@ class LLM:
                 cache_dir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise ValueError(f"expert_cache: cannot create {cache_dir} ({e}); pass a writable folder") from None
-        self.model = load_model(self.checkpoint, self.device, self.dtype, expert_backend, num_threads, progress,
-                                cache_dir, expert_act_format)
+        # the one thread that runs the routed experts of every MoE layer (hybrid/experts/offload.py)
+        self.expert_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybrid-experts")
+        self.model = load_model(self.checkpoint, self.device, self.dtype, self.expert_backend, self.expert_worker,
+                                num_threads, progress, cache_dir, expert_act_format)
         if gpu_weights != "bf16":
-            from .gpu_weights import quantize_model_linears
+            from hybrid.model.int8_linear import quantize_model_linears
             quantize_model_linears(self.model, gpu_weights)
         if gpu_experts or expert_streaming != "off":
-            from .hot_experts import attach_accelerator_experts
-            attach_accelerator_experts(self, gpu_experts, expert_streaming, expert_rates)
+            from hybrid.experts.profile import attach_accelerator_experts
+            attach_accelerator_experts(self.model, self.checkpoint, self.device, self.model_dir, gpu_experts,
+                                       expert_streaming, expert_rates)
         self.engine = Engine(self.model, self.config, self.tokenizer, self.device, self.dtype, max_batch,
                              max_context, max_prefill_tokens)
         if progress:
@@ -104,7 +135,7 @@ class LLM:
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """float32 logits [len(token_ids), vocab_size]: row t predicts token t+1 (no cache involved)."""
         ids = self._check_ids(token_ids)
-        return self.model(ids, Batch.single(len(ids), device=self.device)).cpu()
+        return self.model(ids, Step.single(len(ids), device=self.device)).cpu()
 
     # ---- generation -------------------------------------------------------------------
     def _prompt_ids(self, prompt) -> list[int]:
@@ -156,17 +187,17 @@ class LLM:
     def chat_prompt_ids(self, messages, tools=None, thinking: bool = True, preserve_thinking: bool = False,
                         **template_kwargs) -> list[int]:
         """The prompt token ids the checkpoint's chat template gives for these messages."""
-        from .chat_session import chat_prompt_ids
+        from hybrid.chat import chat_prompt_ids
         return chat_prompt_ids(self, messages, tools, thinking, preserve_thinking, **template_kwargs)
 
     def chat(self, messages, sampling: SamplingParams | None = None, tools=None, thinking: bool = True,
              preserve_thinking: bool = False, **template_kwargs):
         """One assistant turn: ChatResult(message=ParsedMessage(reasoning_content, content, tool_calls), ...)."""
-        from .chat_session import chat
+        from hybrid.chat import chat
         return chat(self, messages, sampling, tools, thinking, preserve_thinking, **template_kwargs)
 
     def chat_stream(self, messages, sampling: SamplingParams | None = None, tools=None, thinking: bool = True,
                     preserve_thinking: bool = False, **template_kwargs):
         """Yield reasoning / content / tool-call deltas, then the final ChatResult."""
-        from .chat_session import chat_stream
+        from hybrid.chat import chat_stream
         return chat_stream(self, messages, sampling, tools, thinking, preserve_thinking, **template_kwargs)

@@ -21,8 +21,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import ModelConfig, load_config
-from .expert_streaming import LayerShape, Rates, expected_experts_hit, layer_costs, threshold_tokens
+from hybrid.config import ModelConfig, load_config
+from hybrid.experts.backends import BACKENDS, expert_nbytes
+from hybrid.formats import INT4_GROUP, int4_expert_nbytes
+from hybrid.experts.streaming import LayerShape, Rates, expected_experts_hit, layer_costs, threshold_tokens
 
 GIB = 1 << 30
 GPU_FORMATS = ("bf16", "int8", "fp8")
@@ -105,6 +107,7 @@ class Plan:
     fits_gpu: bool
     fits_ram: bool
     fits: bool
+    expert_backend: str = "numba"      # RAM per CPU expert depends on it (torch / ref: dequantized, 8x)
     advice: list = field(default_factory=list)
     parts: dict = field(default_factory=dict)          # accelerator-side bytes by part
     predicted_prefill_tok_s: float | None = None
@@ -119,12 +122,13 @@ def linear_shapes(config: ModelConfig) -> dict[str, list[tuple[int, int]]]:
     H, qk = c.num_attention_heads, c.qk_nope_head_dim + c.qk_rope_head_dim
     D, R, P = c.hidden_size, c.kv_lora_rank, c.qk_rope_head_dim
     attn = ([(c.q_lora_rank, D), (H * qk, c.q_lora_rank)] if c.q_lora_rank else [(H * qk, D)])
-    attn += [(R + P, D), (H * (c.qk_nope_head_dim + c.v_head_dim), R), (D, H * c.v_head_dim)]
+    attn += [(R + P, D), (D, H * c.v_head_dim)]
     n_moe = c.num_moe_layers
     n_dense = c.num_hidden_layers - n_moe
     shared_i = c.moe_intermediate_size * c.n_shared_experts
     return {
         "attention": attn * c.num_hidden_layers,
+        "kv_b_proj": [(H * (c.qk_nope_head_dim + c.v_head_dim), R)] * c.num_hidden_layers,
         "dense_mlp": [(c.intermediate_size, D), (c.intermediate_size, D), (D, c.intermediate_size)] * n_dense,
         "shared_experts": ([(shared_i, D), (shared_i, D), (D, shared_i)] * n_moe) if shared_i else [],
         "lm_head": [(c.vocab_size, D)],
@@ -132,19 +136,19 @@ def linear_shapes(config: ModelConfig) -> dict[str, list[tuple[int, int]]]:
 
 
 def expert_bytes(config: ModelConfig) -> int:
-    """One routed expert (gate, up, down) in INT4: K/2 bytes of nibbles + a bf16 scale per group, per row."""
-    g = config.quantization.group_size if config.quantization.method == "int4" else 32
-    D, I = config.hidden_size, config.moe_intermediate_size
-    per = lambda n, k: n * (k // 2 + math.ceil(k / g) * 2)  # noqa: E731
-    return 2 * per(I, D) + per(D, I)
+    """One routed expert (gate, up, down) in INT4 + scales (hybrid.formats.int4_expert_nbytes): what the
+    INT4 backends hold in RAM, what hot experts and streaming hold on the GPU."""
+    g = config.quantization.group_size if config.quantization.method == "int4" else INT4_GROUP
+    return int4_expert_nbytes(config.hidden_size, config.moe_intermediate_size, g)
 
 
 def accelerator_parts(config: ModelConfig, fmt: str, dense_bytes: int = 2) -> dict[str, int]:
-    """Bytes of the accelerator-side weights by part; `fmt` applies to the Linears (8 bits: + fp32 scale per row)."""
+    """Bytes of the accelerator-side weights by part; `fmt` applies to the Linears (8 bits: + fp32 scale per
+    row) but kv_b_proj, which stays in the model dtype (hybrid/model/int8_linear.py says why)."""
     c = config
     out = {}
     for part, shapes in linear_shapes(c).items():
-        if fmt == "bf16":
+        if fmt == "bf16" or part == "kv_b_proj":
             out[part] = sum(n * k for n, k in shapes) * dense_bytes
         else:
             out[part] = sum(n * k + 4 * n for n, k in shapes)
@@ -194,9 +198,10 @@ def machine_memory() -> dict:
 
 
 # ---- the plan -----------------------------------------------------------------------------------
-def _layout(config, gpu_mem_bytes, context, batch, gpu_weights, gpu_experts):
+def _layout(config, gpu_mem_bytes, context, batch, gpu_weights, gpu_experts, expert_backend="numba"):
     on_gpu = gpu_mem_bytes > 0
     eb = expert_bytes(config)
+    cpu_eb = expert_nbytes(expert_backend, config)      # 8x eb for the dequantizing torch / ref backends
     n_experts = config.num_moe_layers * config.n_routed_experts
     dense_bytes = 2 if on_gpu else 4       # on the CPU the accelerator side runs in fp32 (placement.py)
     parts = accelerator_parts(config, gpu_weights, dense_bytes)
@@ -206,13 +211,13 @@ def _layout(config, gpu_mem_bytes, context, batch, gpu_weights, gpu_experts):
     return dict(on_gpu=on_gpu, parts=parts, gpu_weights_bytes=sum(parts.values()) + gpu_exp,
                 gpu_expert_bytes=gpu_exp, kv_cache_bytes=kv_cache_bytes(config, context, batch),
                 stream_buffer_bytes=stream, gpu_reserve_bytes=GPU_RESERVE_BYTES if on_gpu else 0,
-                cpu_expert_bytes=(n_experts - (gpu_exp // eb if eb else 0)) * eb, pinned_bytes=pinned,
+                cpu_expert_bytes=(n_experts - (gpu_exp // eb if eb else 0)) * cpu_eb, pinned_bytes=pinned,
                 ram_reserve_bytes=RAM_RESERVE_BYTES)
 
 
 def make_plan(config: ModelConfig, *, gpu_mem_bytes: int, ram_bytes: int, context: int, batch: int = 1,
               gpu_weights: str = "bf16", gpu_experts: int = 0, hw: Hardware | dict | None = None,
-              prefill_tokens: int | None = None) -> Plan:
+              prefill_tokens: int | None = None, expert_backend: str = "numba") -> Plan:
     """Bytes per device for this config and these settings, whether they fit, advice, and with `hw`
     predicted tok/s. gpu_mem_bytes = 0 plans a CPU-only machine (everything in RAM)."""
     if gpu_weights not in GPU_FORMATS:
@@ -221,7 +226,9 @@ def make_plan(config: ModelConfig, *, gpu_mem_bytes: int, ram_bytes: int, contex
         raise ValueError(f"context ({context}) and batch ({batch}) must be >= 1, gpu_experts ({gpu_experts}) >= 0")
     if context > config.max_position_embeddings:
         raise ValueError(f"context {context} exceeds max_position_embeddings ({config.max_position_embeddings})")
-    L = _layout(config, gpu_mem_bytes, context, batch, gpu_weights, gpu_experts)
+    if expert_backend not in BACKENDS and expert_backend != "auto":
+        raise ValueError(f"expert_backend {expert_backend!r} unknown; choose one of auto, {', '.join(BACKENDS)}")
+    L = _layout(config, gpu_mem_bytes, context, batch, gpu_weights, gpu_experts, expert_backend)
     device_side = L["gpu_weights_bytes"] + L["kv_cache_bytes"] + L["stream_buffer_bytes"] + L["gpu_reserve_bytes"]
     gpu_total = device_side if L["on_gpu"] else 0
     ram_total = L["cpu_expert_bytes"] + L["pinned_bytes"] + L["ram_reserve_bytes"] + (0 if L["on_gpu"] else device_side)
@@ -230,7 +237,7 @@ def make_plan(config: ModelConfig, *, gpu_mem_bytes: int, ram_bytes: int, contex
     plan = Plan(model=config.model_type, context=context, batch=batch, gpu_weights=gpu_weights,
                 gpu_experts=gpu_experts, gpu_mem_bytes=gpu_mem_bytes, ram_bytes=ram_bytes,
                 gpu_total_bytes=gpu_total, ram_total_bytes=ram_total, fits_gpu=fits_gpu, fits_ram=fits_ram,
-                fits=fits_gpu and fits_ram, **L)
+                fits=fits_gpu and fits_ram, expert_backend=expert_backend, **L)
     if not plan.fits:
         plan.advice = _advice(config, plan)
     if hw is not None:
@@ -245,7 +252,7 @@ def _gb(n: float) -> str:
 
 def _max_context(config, plan: Plan, fmt: str, budget: int) -> int:
     """Longest context (multiple of 1024) whose GPU total fits `budget`, with format `fmt`."""
-    L = _layout(config, plan.gpu_mem_bytes, 1, plan.batch, fmt, plan.gpu_experts)
+    L = _layout(config, plan.gpu_mem_bytes, 1, plan.batch, fmt, plan.gpu_experts, plan.expert_backend)
     fixed = L["gpu_weights_bytes"] + L["stream_buffer_bytes"] + L["gpu_reserve_bytes"]
     per_tok = kv_cache_bytes(config, 1, plan.batch)
     ctx = (budget - fixed) // per_tok if budget > fixed else 0
@@ -262,7 +269,8 @@ def _advice(config, plan: Plan) -> list[str]:
                    f"{_gb(plan.stream_buffer_bytes)}, reserve {_gb(plan.gpu_reserve_bytes)}), has "
                    f"{_gb(plan.gpu_mem_bytes)}: {_gb(over)} over")
         if plan.gpu_weights == "bf16":
-            alt = _layout(config, plan.gpu_mem_bytes, plan.context, plan.batch, "int8", plan.gpu_experts)
+            alt = _layout(config, plan.gpu_mem_bytes, plan.context, plan.batch, "int8", plan.gpu_experts,
+                          plan.expert_backend)
             total = plan.gpu_total_bytes - plan.gpu_weights_bytes + alt["gpu_weights_bytes"]
             verdict = "fits" if total <= plan.gpu_mem_bytes else "still over"
             out.append(f"8-bit GPU weights (--gpu-weights int8): weights {_gb(plan.gpu_weights_bytes)} -> "
@@ -282,7 +290,7 @@ def _advice(config, plan: Plan) -> list[str]:
     if not plan.fits_ram:
         short = plan.ram_total_bytes - plan.ram_bytes
         need = plan.ram_total_bytes
-        out.append(f"RAM: needs {_gb(need)} (routed experts INT4 {_gb(plan.cpu_expert_bytes)}, pinned buffers "
+        out.append(f"RAM: needs {_gb(need)} (routed experts {_gb(plan.cpu_expert_bytes)}, pinned buffers "
                    f"{_gb(plan.pinned_bytes)}, reserve {_gb(plan.ram_reserve_bytes)}"
                    + ("" if plan.on_gpu else ", accelerator-side weights and KV cache in RAM")
                    + f"), has {_gb(plan.ram_bytes)}: {_gb(short)} short")
@@ -366,7 +374,8 @@ def format_plan(plan: Plan) -> str:
     rows += [(f"KV cache ({plan.context} tokens x {plan.batch})", plan.kv_cache_bytes, plan.on_gpu),
              ("expert streaming buffers", plan.stream_buffer_bytes, True),
              ("reserve (CUDA context, activations)", plan.gpu_reserve_bytes, True),
-             ("routed experts, INT4 + scales", plan.cpu_expert_bytes, False),
+             ("routed experts, INT4 + scales" if plan.expert_backend in ("numba", "kt", "auto")
+              else f"routed experts, dequantized ({plan.expert_backend})", plan.cpu_expert_bytes, False),
              ("pinned transfer buffers", plan.pinned_bytes, False),
              ("reserve (OS, runtime, page cache)", plan.ram_reserve_bytes, False)]
     lines = [f"memory plan: {plan.model}, context {plan.context}, batch {plan.batch}, GPU weights "

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import hybrid
-from hybrid.batch import CRASH_ENV, run_batch
+from hybrid.apps.batch import CRASH_ENV, run_batch
 from hybrid.synthetic import write_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,10 +5,10 @@ import json
 import jinja2
 import pytest
 
-from hybrid.chat import deep_sort_dict, encode_chat, render_chat, render_chat_segments
-from hybrid.synthetic_tokenizer import CHAT_TEMPLATE, write_tokenizer_files
-from hybrid.tokenizer import Tokenizer
-from hybrid.tool_declaration import tools_to_typescript
+from hybrid.text.chat_template import deep_sort_dict, encode_chat, render_chat, render_chat_segments
+from hybrid.synthetic.tokenizer_files import CHAT_TEMPLATE, write_tokenizer_files
+from hybrid.text.tokenizer import Tokenizer
+from hybrid.text.tool_declaration import tools_to_typescript
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather for a city.",

@@ -6,8 +6,8 @@ from transformers import GenerationConfig
 
 from hf_reference import build_hf_model
 from hybrid import LLM, SamplingParams
-from hybrid.attention import Batch
-from hybrid.kv_cache import LatentCache
+from hybrid.model.attention import Batch
+from hybrid.model.kv_cache import LatentCache
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -157,7 +157,7 @@ def test_chat_multi_turn_reuses_the_cache(llm):
 
 
 def test_placement_auto_is_cpu_here_and_experts_stay_on_the_cpu(llm):
-    from hybrid.placement import format_placement, resolve_device
+    from hybrid.model.inventory import format_placement, resolve_device
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):

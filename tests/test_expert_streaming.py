@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hybrid.config import load_config
-from hybrid.expert_streaming import (DoubleBuffer, LayerShape, Rates, StreamingPolicy, expected_experts_hit,
+from hybrid.experts.streaming import (DoubleBuffer, LayerShape, Rates, StreamingPolicy, expected_experts_hit,
                                      layer_costs, threshold_tokens)
 
 K26 = Path(__file__).parent / "fixtures" / "kimi-k2.6"

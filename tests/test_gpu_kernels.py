@@ -45,7 +45,7 @@ def _check_mla(B, H, R, P, S, Lmax, slots, lengths, dtype=torch.float32, seed=0)
 
 
 def _int4_inputs(T, N, K, dtype, seed):
-    from hybrid.quant import quantize_int4
+    from hybrid.formats import quantize_int4
     g = torch.Generator().manual_seed(seed)
     _, packed, scale = quantize_int4(torch.randn(N, K, generator=g) / K ** 0.5)
     return torch.randn(T, K, generator=g).to(dtype), packed, scale
@@ -125,7 +125,7 @@ def test_kernel_under_interpreter(interpreter_verdicts, case):
 def test_mla_reference_matches_model_absorbed_form(tiny_dir):
     """mla_decode_ref + W_UV equals MLAttention._absorbed (hybrid/attention.py) for decode steps."""
     from gpu_kernels import mla_decode_ref
-    from hybrid.attention import MLAttention
+    from hybrid.model.attention import MLAttention
     from hybrid.config import load_config
     config = load_config(tiny_dir)
     torch.manual_seed(0)
@@ -158,7 +158,7 @@ def test_wrappers_use_reference_on_cpu():
 
 def test_int4_reference_is_dense_dequantized_matmul():
     from gpu_kernels import int4_matmul_ref
-    from hybrid.quant import dequantize_int4
+    from hybrid.formats import dequantize_int4
     x, packed, scale = _int4_inputs(3, 70, 96, torch.float32, 0)
     torch.testing.assert_close(int4_matmul_ref(x, packed, scale), x @ dequantize_int4(packed, scale, 96).float().T)
 

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybrid import LLM
-from hybrid.attention import Batch, RMSNorm
-from hybrid.gpu_weights import Int8Linear, measure_int8_logit_error, quantize_model_linears
-from hybrid.moe import Router
+from hybrid.model.attention import Batch, RMSNorm
+from hybrid.model.int8_linear import Int8Linear, measure_int8_logit_error, quantize_model_linears
+from hybrid.model.model import Router
 
 # int8 on the tiny checkpoint, routers replaying the reference's choices: measured rel-L2 per
 # position 2.2-2.6% mean, 3.5-4.2% max over three variants (hidden 128: the per-row step is large).

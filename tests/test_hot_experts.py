@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hybrid import LLM, SamplingParams
-from hybrid.hot_experts import PROFILE_FILE, HotExperts, choose_hot, cli_profile, load_profile
+from hybrid.experts.profile import PROFILE_FILE, HotExperts, choose_hot, cli_profile, load_profile
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_bad_profile_file(tmp_path):
 def test_streamed_experts_give_the_same_logits(tiny_dir, monkeypatch):
     """expert_streaming="always": every layer's routed experts copied from the checkpoint in chunks of
     3 experts through two buffers and run by the accelerator path (int4_matmul) — same logits."""
-    import hybrid.expert_streamer as streamer
+    import hybrid.experts.streaming as streamer
     monkeypatch.setattr(streamer, "CHUNK_EXPERTS", 3)
     copies = []
     real = streamer.stream_layer

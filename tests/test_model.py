@@ -8,7 +8,7 @@ import torch
 from conftest import VARIANTS
 from hf_reference import build_hf_model, hf_logits
 from hybrid import LLM
-from hybrid.loader import expert_backends
+from hybrid.model.loader import expert_backends
 
 REL_TOL = 1e-4
 

@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from hybrid.chat import render_chat
-from hybrid.parsing import MARKERS, StreamParser, accumulate, arguments_json, parse_output
-from hybrid.synthetic_tokenizer import CHAT_TEMPLATE
+from hybrid.text.chat_template import render_chat
+from hybrid.text.output_parser import MARKERS, StreamParser, accumulate, arguments_json, parse_output
+from hybrid.synthetic.tokenizer_files import CHAT_TEMPLATE
 
 CALLS = ("<|tool_calls_section_begin|>\n"
          "<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"

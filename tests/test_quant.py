@@ -3,7 +3,7 @@ import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
-from hybrid.quant import (dequantize_fp8_block, dequantize_int4, pack_int4, quantize_fp8_block, quantize_int4,
+from hybrid.formats import (dequantize_fp8_block, dequantize_int4, pack_int4, quantize_fp8_block, quantize_int4,
                           unpack_int4)
 
 

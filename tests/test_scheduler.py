@@ -3,7 +3,7 @@ import time
 
 import torch
 
-from hybrid.scheduler import ExpertScheduler, OverlapStats
+from hybrid.experts.offload import ExpertScheduler, OverlapStats
 
 
 class SlowExperts:

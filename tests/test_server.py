@@ -18,7 +18,7 @@ import uvicorn
 
 import hybrid
 from hybrid.engine import RequestOutput
-from hybrid.server import create_app
+from hybrid.apps.server import create_app
 from hybrid.synthetic import write_checkpoint
 
 MAX_CONTEXT = 512

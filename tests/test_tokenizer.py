@@ -8,8 +8,8 @@ import unicodedata
 
 import pytest
 
-from hybrid.synthetic_tokenizer import CORPUS, _generated_text, write_tokenizer_files
-from hybrid.tokenizer import (MAX_NO_WHITESPACES_CHARS, PAT_STR, Tokenizer,
+from hybrid.synthetic.tokenizer_files import CORPUS, _generated_text, write_tokenizer_files
+from hybrid.text.tokenizer import (MAX_NO_WHITESPACES_CHARS, PAT_STR, Tokenizer,
                               default_special_tokens)
 
 tiktoken = pytest.importorskip("tiktoken")

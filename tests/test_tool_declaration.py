@@ -16,10 +16,10 @@ import json
 
 import pytest
 
-from hybrid.chat import encode_chat, render_chat
-from hybrid.synthetic_tokenizer import CHAT_TEMPLATE, write_tokenizer_files
-from hybrid.tokenizer import Tokenizer
-from hybrid.tool_declaration import tools_to_typescript
+from hybrid.text.chat_template import encode_chat, render_chat
+from hybrid.synthetic.tokenizer_files import CHAT_TEMPLATE, write_tokenizer_files
+from hybrid.text.tokenizer import Tokenizer
+from hybrid.text.tool_declaration import tools_to_typescript
 
 HEAD = "# Tools\n\n## functions\nnamespace functions {\n"
 TAIL = "\n}\n"

@@ -45,7 +45,7 @@ def accelerator_bytes(llm) -> int:
 
 def expert_bytes_touched(llm, moe_ids: list[torch.Tensor]) -> int:
     """INT4 bytes (packed + bf16 scales) of the distinct experts each MoE layer used in one step."""
-    from hybrid.expert_streaming import LayerShape
+    from hybrid.experts.streaming import LayerShape
     per_expert = LayerShape.from_config(llm.config).expert_bytes
     return sum(len(ids.unique()) for ids in moe_ids) * per_expert
 

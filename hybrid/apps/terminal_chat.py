@@ -18,8 +18,8 @@ from contextlib import contextmanager
 
 from rich.console import Console
 
-from .chat_session import ChatResult
-from .sampling import SamplingParams
+from hybrid.chat import ChatResult
+from hybrid.sampling import SamplingParams
 
 HELP = ("commands: /think on|off  /reset  /system TEXT  /save FILE  /help  /exit   "
         "(Ctrl-C stops an answer)")
@@ -47,7 +47,7 @@ def stream_turn(llm, console: Console, messages: list[dict], sampling: SamplingP
                 tools=None) -> tuple[ChatResult | None, bool]:
     """Stream one assistant turn to the console; returns (result, stopped by Ctrl-C).
     The result is None only when Ctrl-C came before anything was generated."""
-    from .parsing import accumulate
+    from hybrid.text.output_parser import accumulate
     section, deltas, result, stopped = None, [], None, False
     t0 = time.perf_counter()
     with interruptible() as flag:

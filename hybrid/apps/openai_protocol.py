@@ -10,9 +10,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .chat import validate_messages, validate_tools
-from .parsing import ParsedMessage
-from .sampling import SamplingParams
+from hybrid.text.chat_template import validate_messages, validate_tools
+from hybrid.text.output_parser import ParsedMessage
+from hybrid.sampling import SamplingParams
 
 
 class FieldError(ValueError):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .sampling import SamplingParams
+from hybrid.sampling import SamplingParams
 
 DEMO_NAME = "tiny-k2.6"
 
@@ -26,7 +26,7 @@ def cache_dir() -> Path:
 def ensure_tiny_checkpoint(console: Console) -> Path:
     """The demo checkpoint, written once (to a temporary folder, then renamed, so a crash mid-write
     never leaves a half checkpoint behind)."""
-    from .synthetic import write_checkpoint
+    from hybrid.synthetic import write_checkpoint
     path = cache_dir() / DEMO_NAME
     if (path / "config.json").is_file() and (path / "model.safetensors.index.json").is_file():
         console.print(f"checkpoint: {path} (cached)")
@@ -70,8 +70,8 @@ def placement_report(llm) -> list[str]:
 
 def run_demo(device: str = "auto", expert_backend: str = "auto", num_threads: int | None = None,
              max_tokens: int = 48, console: Console | None = None) -> None:
-    from .llm import LLM
-    from .terminal_chat import stream_turn
+    from hybrid.llm import LLM
+    from hybrid.apps.terminal_chat import stream_turn
     console = console or Console(highlight=False, soft_wrap=True)
     console.rule("hybrid demo")
     path = ensure_tiny_checkpoint(console)
@@ -81,7 +81,7 @@ def run_demo(device: str = "auto", expert_backend: str = "auto", num_threads: in
     console.print(f"loaded in {time.perf_counter() - t0:.2f} s")
     console.print(placement_report(llm)[0], markup=False)
     if hasattr(llm, "placement"):                 # hybrid/placement.py's summary, where present
-        from .placement import format_placement
+        from hybrid.model.inventory import format_placement
         console.print(format_placement(llm.placement()), markup=False)
     else:
         for line in placement_report(llm):

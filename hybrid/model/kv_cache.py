@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from .config import ModelConfig
+from hybrid.config import ModelConfig
 
 
 class LatentCache:
@@ -37,6 +37,13 @@ class LatentCache:
         assert end <= self.max_context, f"cache overflow: position {end} > max_context {self.max_context}"
         self.ckv[layer, slot, start:end] = c_kv
         self.kpe[layer, slot, start:end] = k_pe
+
+    def write_rows(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, c_kv: torch.Tensor,
+                   k_pe: torch.Tensor) -> None:
+        """One token per row (batched decode): row b goes to (slots[b], positions[b]). The engine never
+        schedules a position at or past max_context (it finishes the sequence first)."""
+        self.ckv[layer, slots, positions] = c_kv
+        self.kpe[layer, slots, positions] = k_pe
 
     def read(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.ckv[layer, slot, :length], self.kpe[layer, slot, :length]

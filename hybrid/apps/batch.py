@@ -10,24 +10,22 @@ finishes, in finishing order. Re-running the same command skips every input alre
 output and does the rest, so each input line gets exactly one record: a result, or an error record
 {"id", "line", "error", "param"} for a malformed line, a bad field, a duplicate id or a prompt longer
 than the context. A record cut short by a crash (no final newline) is dropped and redone.
-Checked by tests/test_batch.py (resume after a simulated crash, malformed lines, duplicates).
+Checked by tests/test_batch.py (resume after the process is killed mid-job, malformed lines, duplicates).
 """
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from . import protocol
-from .chat_session import chat_sampling
-from .parsing import parse_output
-from .protocol import FieldError
+import hybrid.apps.openai_protocol as protocol
+from hybrid.chat import chat_sampling
+from hybrid.text.output_parser import parse_output
+from hybrid.apps.openai_protocol import FieldError
 
-CRASH_ENV = "HYBRID_BATCH_CRASH_AFTER"     # tests: exit abruptly after this many records
 
 
 @dataclass
@@ -108,16 +106,14 @@ def read_entries(input_path: Path) -> list[_Entry]:
 
 
 class _Writer:
-    def __init__(self, path: Path, crash_after: int | None):
+    def __init__(self, path: Path):
         self.f = open(path, "a", encoding="utf-8")
-        self.n, self.crash_after = 0, crash_after
+        self.n = 0
 
     def write(self, record: dict) -> None:
         self.f.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.f.flush()
         self.n += 1
-        if self.crash_after is not None and self.n >= self.crash_after:
-            os._exit(3)                       # a simulated crash: no cleanup at all
 
     def error(self, e: _Entry) -> None:
         rec = {"id": e.id, "line": e.line, "error": e.error, "param": e.param}
@@ -156,8 +152,7 @@ def _result(e: _Entry, args, text: str, token_ids: list[int], last) -> dict:
     return rec
 
 
-def run_batch(llm, input_path, output_path, max_tokens: int | None = None, progress: bool = True,
-              crash_after: int | None = None) -> dict:
+def run_batch(llm, input_path, output_path, max_tokens: int | None = None, progress: bool = True) -> dict:
     """Answer every input line not yet answered in output_path. Returns counts."""
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.is_file():
@@ -167,7 +162,7 @@ def run_batch(llm, input_path, output_path, max_tokens: int | None = None, progr
     defaults = protocol.generation_defaults(llm.model_dir)
     engine = llm.engine
     window = 2 * engine.max_batch              # requests held in the engine at once
-    writer = _Writer(output_path, crash_after)
+    writer = _Writer(output_path)
     bar = tqdm(total=len(todo), desc="batch", unit="req", disable=not progress, dynamic_ncols=True)
     live: dict[str, tuple] = {}                 # request id -> (entry, chat args, text parts, token ids)
     counts = {"skipped": len(done), "results": 0, "errors": 0}

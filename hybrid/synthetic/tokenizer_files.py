@@ -17,7 +17,7 @@ from pathlib import Path
 
 import regex
 
-from hybrid.tokenizer import NUM_SPECIAL, PAT_STR, SPECIAL_NAMES
+from hybrid.text.tokenizer import NUM_SPECIAL, PAT_STR, SPECIAL_NAMES
 
 CORPUS = """\
 The quick brown fox jumps over the lazy dog. It's a sunny day, isn't it? We'll see what they've

@@ -21,11 +21,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from . import protocol
-from .chat_session import chat_sampling
-from .engine_thread import EngineError, EngineThread
-from .parsing import StreamParser, accumulate
-from .protocol import FieldError
+import hybrid.apps.openai_protocol as protocol
+from hybrid.chat import chat_sampling
+from hybrid.apps.engine_thread import EngineError, EngineThread
+from hybrid.text.output_parser import StreamParser, accumulate
+from hybrid.apps.openai_protocol import FieldError
 
 DISCONNECT_POLL_S = 0.25
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from gpu_kernels.mla_decode import mla_decode
 
-from .config import ModelConfig
+from hybrid.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -79,16 +79,37 @@ class Rope:
 
 
 @dataclass
-class Batch:
-    """Where the T packed tokens of one step belong: one entry per sequence, in token order."""
-    slots: list[int]       # cache row of each sequence
-    starts: list[int]      # tokens already in the cache before this step (= position of its first new token)
-    lengths: list[int]     # new tokens of each sequence this step (sum = T)
-    positions: torch.Tensor  # [T] int64
+class Step:
+    """The T packed tokens of one forward, one entry per sequence in token order, with every tensor the
+    layers need built once here (by the engine, or `Step.single` for a lone prompt), not per layer."""
+    slots: list[int]           # cache row of each sequence
+    starts: list[int]          # tokens already in the cache before this step (= position of its first new token)
+    lengths: list[int]         # new tokens of each sequence this step (sum = T)
+    positions: torch.Tensor    # [T] int64
+    masks: list                # per sequence: bool [n, start+n], True above the causal diagonal (None if n == 1)
+    decode_rows: torch.Tensor      # [B] rows of the one-token sequences (absorbed decode over the cache)
+    decode_slots: torch.Tensor     # [B] their cache rows
+    decode_lengths: torch.Tensor   # [B] their cache lengths after this step (start + 1)
 
     @staticmethod
-    def single(n_tokens: int, start: int = 0, slot: int = 0, device="cpu") -> "Batch":
-        return Batch([slot], [start], [n_tokens], torch.arange(start, start + n_tokens, device=device))
+    def build(slots: list[int], starts: list[int], lengths: list[int], device="cpu") -> "Step":
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(device)
+        masks = []
+        for s, n in zip(starts, lengths):
+            if n > 1:
+                q_pos = torch.arange(s, s + n, device=device)[:, None]
+                masks.append(torch.arange(s + n, device=device)[None, :] > q_pos)
+            else:
+                masks.append(None)
+        rows = [sum(lengths[:i]) for i, n in enumerate(lengths) if n == 1]
+        one = [i for i, n in enumerate(lengths) if n == 1]
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+        return Step(slots, starts, lengths, positions, masks, as_tensor(rows),
+                    as_tensor([slots[i] for i in one]), as_tensor([starts[i] + 1 for i in one]))
+
+    @staticmethod
+    def single(n_tokens: int, start: int = 0, slot: int = 0, device="cpu") -> "Step":
+        return Step.build([slot], [start], [n_tokens], device)
 
 
 def regroup_kv_b(w: torch.Tensor, heads: int, nope: int, v_dim: int) -> torch.Tensor:
@@ -121,7 +142,7 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(self.h * self.vd, c.hidden_size, bias=False)
         self.scale = c.softmax_scale
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step,
                 cache=None, absorb: bool | None = None) -> torch.Tensor:
         """absorb: True/False forces a form; None: plain for prompts, absorbed for 1-token decode steps."""
         T = x.shape[0]
@@ -138,27 +159,25 @@ class MLAttention(nn.Module):
         k_pe = Rope.apply(k_pe, cos, sin)
 
         o = q_nope.new_empty(T, self.h, self.vd)
-        decode_rows, decode_slots, decode_lens = [], [], []
+        batched_decode = cache is not None and absorb is not False and len(step.decode_rows) > 0
         offset = 0
-        for slot, start, n in zip(batch.slots, batch.starts, batch.lengths):
+        for slot, start, n, mask in zip(step.slots, step.starts, step.lengths, step.masks):
             tok = slice(offset, offset + n)
             offset += n
+            if n == 1 and batched_decode:              # decode: one call below, over the latent cache
+                continue
             if cache is None:
                 assert start == 0, "without a cache every sequence starts at position 0"
                 keys_c, keys_pe = c_kv[tok], k_pe[tok]
             else:
                 cache.write(self.layer_idx, slot, start, c_kv[tok], k_pe[tok])
-                if n == 1 and absorb is not False:       # decode: batched below, over the latent cache
-                    decode_rows.append(tok.start)
-                    decode_slots.append(slot)
-                    decode_lens.append(start + 1)
-                    continue
                 keys_c, keys_pe = cache.read(self.layer_idx, slot, start + n)   # [L, R], [L, P]
             attend = self._absorbed if absorb else self._plain
-            o[tok] = attend(q_nope[tok], q_pe[tok], keys_c, keys_pe, start)
-        if decode_rows:
-            rows = torch.tensor(decode_rows, device=x.device)
-            o[rows] = self._decode(q_nope[rows], q_pe[rows], cache, decode_slots, decode_lens)
+            o[tok] = attend(q_nope[tok], q_pe[tok], keys_c, keys_pe, mask)
+        if batched_decode:
+            rows = step.decode_rows
+            cache.write_rows(self.layer_idx, step.decode_slots, step.decode_lengths - 1, c_kv[rows], k_pe[rows])
+            o[rows] = self._decode(q_nope[rows], q_pe[rows], cache, step.decode_slots, step.decode_lengths)
         return self.o_proj(o.reshape(T, self.h * self.vd))
 
     def _w_uk_uv(self):
@@ -172,35 +191,32 @@ class MLAttention(nn.Module):
         w_uk, w_uv = self._w_uk_uv()
         # batched matmuls over the heads read the contiguous W_UK / W_UV in place
         q_lat = torch.matmul(q_nope.transpose(0, 1), w_uk).transpose(0, 1)       # [B, H, R]
-        dev = q_nope.device
-        o_lat = mla_decode(q_lat, q_pe, cache.ckv[self.layer_idx], cache.kpe[self.layer_idx],
-                           torch.tensor(slots, device=dev), torch.tensor(lengths, device=dev), self.scale)
+        o_lat = mla_decode(q_lat, q_pe, cache.ckv[self.layer_idx], cache.kpe[self.layer_idx], slots, lengths,
+                           self.scale)
         o = torch.matmul(w_uv, o_lat.to(q_nope.dtype).permute(1, 2, 0))        # [H, V, B]
         return o.permute(2, 0, 1)                                                  # [B, H, V]
 
-    def _causal_softmax(self, scores: torch.Tensor, start: int) -> torch.Tensor:
-        """scores [H, n, L] for queries at positions start.. over keys 0..L-1 -> probabilities."""
-        n, L = scores.shape[-2:]
-        if n > 1:
-            q_pos = torch.arange(start, start + n, device=scores.device)[:, None]
-            k_pos = torch.arange(L, device=scores.device)[None, :]
-            scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+    @staticmethod
+    def _causal_softmax(scores: torch.Tensor, mask) -> torch.Tensor:
+        """scores [H, n, L] -> probabilities; mask [n, L] (True: a key after the query) or None."""
+        if mask is not None:
+            scores = scores.masked_fill(mask, float("-inf"))
         return torch.softmax(scores.float(), dim=-1).to(scores.dtype)
 
-    def _plain(self, q_nope, q_pe, keys_c, keys_pe, start):
+    def _plain(self, q_nope, q_pe, keys_c, keys_pe, mask):
         kv = self.kv_b_proj(keys_c)                                          # [L, H*nope + H*V]
         k_nope = kv[:, :self.h * self.nope].view(-1, self.h, self.nope)      # [L, H, nope]
         v = kv[:, self.h * self.nope:].view(-1, self.h, self.vd)             # [L, H, V]
         scores = (torch.einsum("nhd,lhd->hnl", q_nope, k_nope)
                   + torch.einsum("nhp,lp->hnl", q_pe, keys_pe)) * self.scale  # [H, n, L]
-        probs = self._causal_softmax(scores, start)
+        probs = self._causal_softmax(scores, mask)
         return torch.einsum("hnl,lhv->nhv", probs, v)                       # [n, H, V]
 
-    def _absorbed(self, q_nope, q_pe, keys_c, keys_pe, start):
+    def _absorbed(self, q_nope, q_pe, keys_c, keys_pe, mask):
         w_uk, w_uv = self._w_uk_uv()
         q_lat = torch.einsum("nhd,hdr->nhr", q_nope, w_uk)                  # [n, H, R]
         scores = (torch.einsum("nhr,lr->hnl", q_lat, keys_c)
                   + torch.einsum("nhp,lp->hnl", q_pe, keys_pe)) * self.scale
-        probs = self._causal_softmax(scores, start)
+        probs = self._causal_softmax(scores, mask)
         o_lat = torch.einsum("hnl,lr->nhr", probs, keys_c)                  # [n, H, R]
         return torch.einsum("nhr,hvr->nhv", o_lat, w_uv)                    # [n, H, V]

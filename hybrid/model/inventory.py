@@ -1,22 +1,9 @@
-"""Where things run: `device="auto"` is cuda when torch sees a GPU, else the CPU (same code path);
-routed experts always run on the CPU backend. Checked by tests/test_engine.py."""
+"""What a loaded model holds where, in bytes: accelerator-side weights by kind, the latent KV cache, the
+routed experts in RAM (and on the accelerator when hot). Printed by LLM at load and by `hybrid demo`.
+Checked by tests/test_engine.py."""
 from __future__ import annotations
 
 import torch
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but torch sees no CUDA GPU; use device='auto' or 'cpu'")
-    return d
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a GPU (as the checkpoint); float32 on the CPU, where bf16 matmuls are slow."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def _category(name: str) -> str:
@@ -44,10 +31,10 @@ def placement_summary(model, cache=None) -> dict:
         accel[_category(name)] = accel.get(_category(name), 0) + p.numel() * p.element_size()
     experts, backend = 0, None
     for layer in model.model.layers:
-        ex = getattr(layer.mlp, "experts", None)
-        if ex is not None:
-            experts += int(getattr(ex, "nbytes", 0))
-            backend = type(getattr(ex, "backend", ex)).__name__
+        offload = getattr(layer.mlp, "experts", None)
+        if offload is not None:
+            experts += offload.backend.nbytes
+            backend = type(offload.backend).__name__
     return {"device": str(device), "accelerator": accel, "kv_cache": cache.nbytes if cache is not None else 0,
             "cpu_experts": experts, "expert_backend": backend}
 

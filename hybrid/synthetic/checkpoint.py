@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .quant import quantize_fp8_block
+from hybrid.formats import quantize_fp8_block
 
 QUANT_CONFIG = {
     "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
@@ -237,6 +237,6 @@ def write_checkpoint(out_dir: str | Path, preset: str = "tiny", layout: str = "k
     (out / "generation_config.json").write_text(json.dumps(
         {"max_length": s["max_position_embeddings"], "eos_token_id": n_ord + 2}, indent=2))
     if tokenizer:
-        from .synthetic_tokenizer import write_tokenizer_files
+        from hybrid.synthetic.tokenizer_files import write_tokenizer_files
         write_tokenizer_files(out, s["vocab_size"])
     return out

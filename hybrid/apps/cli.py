@@ -5,6 +5,7 @@
     hybrid serve MODEL_DIR [--port 8000]          OpenAI-compatible server
     hybrid batch MODEL_DIR --input in.jsonl --output out.jsonl
     hybrid plan ...                               will it fit, where do the experts go (hybrid/plan.py)
+    hybrid profile MODEL_DIR --prompts FILE       routing counts for --gpu-experts (hybrid/apps/profile.py)
     hybrid bench generate|experts [ARGS]          tools/bench_generate.py, tools/bench_experts.py
 
 Model options shared by chat / serve / batch / demo: --device, --expert-backend, --max-context,
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_llm(args, progress: bool = True):
-    from .llm import LLM
+    from hybrid.llm import LLM
     return LLM(args.model_dir, device=args.device, expert_backend=args.expert_backend,
                expert_act_format=args.expert_act_format, num_threads=args.threads,
                accel_threads=args.accel_threads, max_batch=args.max_batch, max_context=args.max_context,
@@ -107,7 +108,7 @@ def load_llm(args, progress: bool = True):
 
 def _run_plan(argv: list[str]) -> int:
     try:
-        from .plan import cli_plan
+        from hybrid.plan import cli_plan
     except ImportError as e:
         print(f"hybrid plan is not available in this build ({e}); it lives in hybrid/plan.py", file=sys.stderr)
         return 2
@@ -120,18 +121,15 @@ def _run_bench(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     module = BENCHES[argv[0]]
-    path = Path(__file__).resolve().parent.parent / "tools" / f"{module}.py"
+    path = Path(__file__).resolve().parents[2] / "tools" / f"{module}.py"
     old = sys.argv
     sys.argv = [f"hybrid bench {argv[0]}"] + argv[1:]
-    try:
-        if path.is_file():
-            runpy.run_path(str(path), run_name="__main__")
-        else:
-            runpy.run_module(f"tools.{module}", run_name="__main__")
-    except ImportError as e:
-        print(f"benchmark {argv[0]} is not available ({e}); it is tools/{module}.py in the source tree",
-              file=sys.stderr)
+    if not path.is_file():      # tools/ is not installed: the benchmarks run from a source checkout
+        print(f"benchmark {argv[0]} is not available: it is tools/{module}.py in the source tree "
+              f"(git clone, then run it there)", file=sys.stderr)
         return 2
+    try:
+        runpy.run_path(str(path), run_name="__main__")
     finally:
         sys.argv = old
     return 0
@@ -143,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_plan(argv[1:])
     if argv and argv[0] == "bench":
         return _run_bench(argv[1:])
-    if argv and argv[0] == "profile":             # its own options, parsed by hybrid/hot_experts.py
-        from .hot_experts import cli_profile
+    if argv and argv[0] == "profile":             # its own options, parsed by hybrid/apps/profile.py
+        from hybrid.apps.profile import cli_profile
         try:
             return cli_profile(argv[1:])
         except ValueError as e:
@@ -155,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from .plan import PlanError
+    from hybrid.plan import PlanError
     try:
         return _dispatch(args) or 0
     except ValueError as e:                        # bad user input: say what, no traceback
@@ -171,30 +169,28 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int | None:
     if args.command == "demo":
-        from .demo import run_demo
+        from hybrid.apps.demo import run_demo
         run_demo(args.device, args.expert_backend, args.threads, args.max_tokens)
     elif args.command == "chat":
-        from .sampling import SamplingParams
-        from .terminal_chat import run_chat
+        from hybrid.sampling import SamplingParams
+        from hybrid.apps.terminal_chat import run_chat
         llm = load_llm(args)
-        from .protocol import generation_defaults
+        from hybrid.apps.openai_protocol import generation_defaults
         kw = {**generation_defaults(llm.model_dir),
               **{k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}}
         run_chat(llm, thinking=not args.no_think, system=args.system,
                  sampling=SamplingParams(max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, **kw))
     elif args.command == "serve":
-        from .server import serve
+        from hybrid.apps.server import serve
         llm = load_llm(args)
         name = args.served_model_name or Path(args.model_dir).resolve().name
         serve(llm, name, args.host, args.port, args.api_key, args.log_level)
     elif args.command == "batch":
-        from .batch import CRASH_ENV, run_batch
+        from hybrid.apps.batch import run_batch
         if not Path(args.input).is_file():         # before minutes of loading
             raise ValueError(f"--input {args.input}: no such file")
         llm = load_llm(args, progress=not args.no_progress)
-        crash = os.environ.get(CRASH_ENV)
-        counts = run_batch(llm, args.input, args.output, args.max_tokens, progress=not args.no_progress,
-                           crash_after=int(crash) if crash else None)
+        counts = run_batch(llm, args.input, args.output, args.max_tokens, progress=not args.no_progress)
         print(f"batch: {counts['results']} results, {counts['errors']} error records, "
               f"{counts['skipped']} already done; {counts['tokens_per_s']:.1f} tok/s -> {args.output}")
     return 0

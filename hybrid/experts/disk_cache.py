@@ -5,8 +5,10 @@ One folder per MoE layer: gate.npy / up.npy / down.npy (cpu_kernels layout) and 
 records the layout version, the shapes and, for every shard holding the layer's experts, its size
 and modification time. A manifest that does not match (changed shard, other layout version, other
 shapes) means the layer is repacked and its cache rewritten. Files are written to a temporary name
-and renamed, so a crash mid-write leaves no cache that looks valid.
-Checked by tests/test_expert_cache.py.
+and renamed, so a crash mid-write leaves no cache that looks valid. bf16 / FP8 experts are cached
+after quantization to INT4 (hybrid.formats.quantize_int4), so the next start skips that too.
+Only the numba backend has a repacked layout to cache; hybrid/llm.py refuses the option for others.
+Checked by tests/test_expert_cache.py (INT4, FP8 and bf16 checkpoints).
 """
 from __future__ import annotations
 
@@ -19,24 +21,27 @@ import numpy as np
 
 log = logging.getLogger("hybrid.expert_cache")
 ARRAYS = ("gate", "up", "down")
+QUANTIZER_VERSION = 1   # bump when hybrid.formats.quantize_int4 changes (bf16 / FP8 experts are cached quantized)
 
 
 def _key(ckpt, layer: int) -> dict:
     from cpu_kernels import layout
     c = ckpt.config
-    shards = sorted({ckpt.file_of(f"model.layers.{layer}.mlp.experts.{e}.{p}.weight_packed").name
-                     for e in range(c.n_routed_experts) for p in ("gate_proj", "up_proj", "down_proj")})
+    prefix = f"model.layers.{layer}.mlp.experts."
+    shards = sorted({ckpt.file_of(name).name for name in ckpt.names() if name.startswith(prefix)})
+    if not shards:
+        raise ValueError(f"{ckpt.dir}: no tensors named {prefix}* in the checkpoint")
     stats = {}
     for name in shards:
         st = (ckpt.dir / name).stat()
         stats[name] = [st.st_size, st.st_mtime_ns]
-    return {"layout_version": layout.LAYOUT_VERSION, "experts": c.n_routed_experts, "hidden": c.hidden_size,
-            "intermediate": c.moe_intermediate_size, "shards": stats}
+    return {"layout_version": layout.LAYOUT_VERSION, "quantizer": QUANTIZER_VERSION, "experts": c.n_routed_experts,
+            "hidden": c.hidden_size, "intermediate": c.moe_intermediate_size, "shards": stats}
 
 
-def load_layer(cache_dir: Path, ckpt, layer: int, num_threads=None, act_format: str = "int8"):
-    """The layer's CPUExperts memory-mapped from the cache, or None if absent or stale."""
-    from cpu_kernels import CPUExperts
+def load_layer(cache_dir: Path, ckpt, layer: int, cls, num_threads=None, act_format: str = "int8"):
+    """The layer's experts (a cpu_kernels.CPUExperts subclass `cls`) memory-mapped from the cache,
+    or None if absent or stale."""
     folder = Path(cache_dir) / f"layer{layer:03d}"
     manifest = folder / "manifest.json"
     if not manifest.is_file():
@@ -49,7 +54,7 @@ def load_layer(cache_dir: Path, ckpt, layer: int, num_threads=None, act_format: 
         log.info("expert cache %s is stale (checkpoint or layout changed): repacking layer %d", folder, layer)
         return None
     arrays = [np.load(folder / f"{name}.npy", mmap_mode="c") for name in ARRAYS]
-    return CPUExperts.from_arrays(*arrays, num_threads=num_threads, act_format=act_format)
+    return cls.from_arrays(*arrays, num_threads=num_threads, act_format=act_format)
 
 
 def save_layer(cache_dir: Path, ckpt, layer: int, experts) -> None:

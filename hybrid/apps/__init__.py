@@ -1,0 +1,2 @@
+"""What users run: the `hybrid` command (cli.py), terminal chat, demo, the OpenAI-compatible server (server.py,
+openai_protocol.py, engine_thread.py), batch jobs (batch.py) and `hybrid profile` (profile.py)."""

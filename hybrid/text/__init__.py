@@ -1,0 +1,2 @@
+"""Text in and out: the tiktoken tokenizer (tokenizer.py), the checkpoint's chat template (chat_template.py)
+with tool declarations (tool_declaration.py), and the parser of the model's output (output_parser.py)."""
