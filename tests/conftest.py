@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny synthetic checkpoints in the real layout, written once per test session."""
+"""Shared fixtures: tiny synthetic checkpoints in the real layout, written once per test session.
+
+Marker `cuda`: the test needs a CUDA GPU (`@pytest.mark.cuda`); on a machine without one it is skipped
+with that reason, on a GPU machine it runs (`pytest -m cuda` runs only those)."""
 from __future__ import annotations
 
 import shutil
@@ -18,6 +21,20 @@ VARIANTS = {
     "dense2-yarn": dict(first_k_dense_replace=2, num_hidden_layers=4, beta_fast=1.0, seed=2),
     "deepseek-v3-fp8": dict(layout="deepseek-v3", n_group=4, topk_group=2, seed=3),
 }
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped, with the reason, where torch sees none)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from transformers import GenerationConfig
 
 from hf_reference import build_hf_model
 from hybrid import LLM, SamplingParams
-from hybrid.model.attention import Batch
+from hybrid.model.attention import Step
 from hybrid.model.kv_cache import LatentCache
 
 GREEDY = dict(temperature=0, ignore_eos=True)
@@ -33,13 +33,13 @@ def test_cached_decode_equals_full_recompute(llm, n):
     model = llm.model
     cache = LatentCache(llm.config, 1, 512, torch.float32, llm.device)
     tokens = _prompt(n, seed=n)
-    logits = model(torch.tensor(tokens), Batch.single(n), cache)[-1]
+    logits = model(torch.tensor(tokens), Step.single(n), cache)[-1]
     worst = 0.0
     for _ in range(40):
         tokens.append(int(logits.argmax()))
         pos = len(tokens) - 1
-        logits = model(torch.tensor(tokens[-1:]), Batch.single(1, start=pos), cache)[-1]   # absorbed form
-        full = model(torch.tensor(tokens), Batch.single(len(tokens)))[-1]                  # no cache, plain
+        logits = model(torch.tensor(tokens[-1:]), Step.single(1, start=pos), cache)[-1]   # absorbed form
+        full = model(torch.tensor(tokens), Step.single(len(tokens)))[-1]                  # no cache, plain
         worst = max(worst, (logits - full).abs().max().item() / full.abs().max().item())
     assert worst < 1e-5, f"cached absorbed decode drifts from recompute by {worst:.2e} (relative)"
 
@@ -47,8 +47,8 @@ def test_cached_decode_equals_full_recompute(llm, n):
 def test_absorbed_equals_plain_for_a_prefill(llm):
     cache = LatentCache(llm.config, 1, 512, torch.float32, llm.device)
     ids = torch.tensor(_prompt(33, seed=5))
-    plain = llm.model(ids, Batch.single(33), absorb=False)
-    absorbed = llm.model(ids, Batch.single(33), cache, absorb=True)
+    plain = llm.model(ids, Step.single(33), absorb=False)
+    absorbed = llm.model(ids, Step.single(33), cache, absorb=True)
     assert (plain - absorbed).abs().max() < 1e-5 * plain.abs().max()
 
 
@@ -157,7 +157,8 @@ def test_chat_multi_turn_reuses_the_cache(llm):
 
 
 def test_placement_auto_is_cpu_here_and_experts_stay_on_the_cpu(llm):
-    from hybrid.model.inventory import format_placement, resolve_device
+    from hybrid.llm import resolve_device
+    from hybrid.model.inventory import format_placement
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybrid import LLM
-from hybrid.model.attention import Batch, RMSNorm
+from hybrid.model.attention import RMSNorm, Step
 from hybrid.model.int8_linear import Int8Linear, measure_int8_logit_error, quantize_model_linears
 from hybrid.model.model import Router
 
@@ -74,8 +74,8 @@ def test_absorbed_form_reads_the_quantized_kv_b(tiny_dir):
     llm = LLM(tiny_dir, expert_backend="torch", progress=False)
     quantize_model_linears(llm.model, "int8")
     ids = torch.arange(7) * 31
-    plain = llm.model(ids, Batch.single(7))
-    absorbed = llm.model(ids, Batch.single(7), absorb=True)
+    plain = llm.model(ids, Step.single(7))
+    absorbed = llm.model(ids, Step.single(7), absorb=True)
     torch.testing.assert_close(absorbed, plain, atol=1e-3, rtol=1e-3)
 
 

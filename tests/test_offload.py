@@ -1,9 +1,11 @@
-"""The expert scheduler: CPU experts and accelerator work really overlap, and the stats show it."""
+"""The expert hand-off (hybrid/experts/offload.py): CPU experts and accelerator work really overlap, and the
+stats show it."""
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from hybrid.experts.offload import ExpertScheduler, OverlapStats
+from hybrid.experts.offload import ExpertOffload, OverlapStats
 
 
 class SlowExperts:
@@ -17,7 +19,7 @@ class SlowExperts:
 def test_submit_returns_at_once_and_work_overlaps():
     stats = OverlapStats()
     stats.enabled = True
-    sched = ExpertScheduler(SlowExperts(), 3, torch.device("cpu"), stats)
+    sched = ExpertOffload(SlowExperts(), 3, torch.device("cpu"), ThreadPoolExecutor(1), stats)
     x = torch.ones(4, 8)
     t0 = time.perf_counter()
     sched.submit(x, torch.zeros(4, 2, dtype=torch.long), torch.ones(4, 2))
@@ -45,7 +47,7 @@ def test_model_records_overlap_per_moe_layer(tiny_dir):
 
 def test_a_step_that_failed_between_submit_and_wait_does_not_block_the_next():
     stats = OverlapStats()
-    sched = ExpertScheduler(SlowExperts(), 1, torch.device("cpu"), stats)
+    sched = ExpertOffload(SlowExperts(), 1, torch.device("cpu"), ThreadPoolExecutor(1), stats)
     x = torch.ones(2, 4)
     ids, w = torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1)
     sched.submit(x, ids, w)          # ... and the shared expert raised: wait() never ran
