@@ -48,6 +48,14 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda for t in tensors)
 
 
+def use_triton_on(device: torch.device | str) -> bool:
+    """The same choice for a device, made once (e.g. by the model loader): Triton for CUDA tensors, or for
+    CPU tensors under the interpreter."""
+    if not triton_available():
+        return False
+    return torch.device(device).type == ("cpu" if interpreting() else "cuda")
+
+
 from .int4_matmul import int4_matmul, int4_matmul_ref, int4_matmul_triton  # noqa: E402
 from .int8_matmul import (int8_matmul, int8_matmul_ref, int8_matmul_triton,  # noqa: E402
                           quantize_weight_8bit)
@@ -61,4 +69,4 @@ KERNELS = {
 
 __all__ = ["mla_decode", "mla_decode_ref", "mla_decode_triton", "int4_matmul", "int4_matmul_ref",
            "int4_matmul_triton", "int8_matmul", "int8_matmul_ref", "int8_matmul_triton",
-           "quantize_weight_8bit", "use_triton", "triton_available", "interpreting", "KERNELS"]
+           "quantize_weight_8bit", "use_triton", "use_triton_on", "triton_available", "interpreting", "KERNELS"]

@@ -22,11 +22,14 @@ except ImportError:
 
 def int4_matmul_ref(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                     group: int = 32) -> torch.Tensor:
-    """x [T, K] . dequantize(W)^T -> [T, N] in x.dtype (fp32 accumulation)."""
-    from hybrid.formats import dequantize_int4   # the one definition of the format; imported late (no cycle)
+    """x [T, K] . W^T -> [T, N] in x.dtype (fp32 accumulation), W unpacked and scaled in plain torch."""
     K = x.shape[-1]
-    w = dequantize_int4(weight_packed.cpu(), weight_scale.cpu(), K, group).to(x.device)   # quant.py is CPU code
-    return (x.float() @ w.float().T).to(x.dtype)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=weight_packed.device)
+    u = (weight_packed.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF                 # [N, K/8, 8]
+    q = u.reshape(weight_packed.shape[0], -1)[:, :K] - 8                              # [N, K] in [-8, 7]
+    s = weight_scale.to(torch.bfloat16).repeat_interleave(group, dim=1)[:, :K]
+    w = q.to(torch.bfloat16) * s                                                      # bf16(q * scale)
+    return (x.float() @ w.float().to(x.device).T).to(x.dtype)
 
 
 if triton is not None:

@@ -142,9 +142,12 @@ def mla_decode_triton(q_lat, q_pe, ckv, kpe, slots, lengths, softmax_scale: floa
 
 
 def mla_decode(q_lat, q_pe, ckv, kpe, slots, lengths, softmax_scale: float,
-               max_len: int | None = None) -> torch.Tensor:
-    """o_lat [B,H,R]: Triton on CUDA (or under TRITON_INTERPRET=1), the torch reference otherwise."""
-    from . import use_triton
-    if use_triton(q_lat, q_pe, ckv, kpe) and ckv.stride(-1) == 1 and kpe.stride(-1) == 1:
+               max_len: int | None = None, triton: bool | None = None) -> torch.Tensor:
+    """o_lat [B,H,R]: Triton on CUDA (or under TRITON_INTERPRET=1), the torch reference otherwise.
+    triton: the caller's choice made once at load (gpu_kernels.use_triton_on(device)); None decides here."""
+    if triton is None:
+        from . import use_triton
+        triton = use_triton(q_lat, q_pe, ckv, kpe)
+    if triton and ckv.stride(-1) == 1 and kpe.stride(-1) == 1:
         return mla_decode_triton(q_lat, q_pe, ckv, kpe, slots, lengths, softmax_scale, max_len)
     return mla_decode_ref(q_lat, q_pe, ckv, kpe, slots, lengths, softmax_scale)

@@ -1,4 +1,5 @@
-"""hybrid: CPU/GPU hybrid inference for Kimi K2.6 / K2.5 / K2-Thinking / DeepSeek-V3 checkpoints."""
+"""hybrid: CPU/GPU hybrid inference for Kimi K2.6 / K2.5 / K2-Thinking / DeepSeek-V3 checkpoints.
+Checked end to end by tests/test_engine.py and tests/test_model.py."""
 from hybrid.config import ConfigError, ModelConfig, load_config
 from hybrid.checkpoint import CheckpointError
 from hybrid.engine import RequestOutput

@@ -45,8 +45,8 @@ def accelerator_bytes(llm) -> int:
 
 def expert_bytes_touched(llm, moe_ids: list[torch.Tensor]) -> int:
     """INT4 bytes (packed + bf16 scales) of the distinct experts each MoE layer used in one step."""
-    from hybrid.experts.streaming import LayerShape
-    per_expert = LayerShape.from_config(llm.config).expert_bytes
+    from hybrid.formats import int4_expert_nbytes
+    per_expert = int4_expert_nbytes(llm.config.hidden_size, llm.config.moe_intermediate_size)
     return sum(len(ids.unique()) for ids in moe_ids) * per_expert
 
 

@@ -1,6 +1,6 @@
 """The one hand-off between a MoE layer and its routed experts: `ExpertOffload.submit` / `wait`.
 
-Per MoE layer (docs/DESIGN.md "One decode step"):
+Per MoE layer (README "Architecture"):
   submit(x, ids, w): on CUDA, hidden states, ids and weights are copied into pinned CPU buffers on a
       side stream (the host waits only for that copy); the layer's backend (hybrid/experts/backends.py,
       synchronous) then runs on the expert worker, one thread created by `LLM` and handed in (Numba

@@ -1,11 +1,13 @@
-"""MLA (multi-head latent attention) with YaRN rope, in the two forms of KIMI_K2_SPEC.md §4.4/§4.5.
+"""MLA (multi-head latent attention) with YaRN rope, in the two forms of docs/kimi_k2.md §4.
 
 * plain form (prefill): the latent c_kv of every key is expanded through kv_b_proj into per-head
   k_nope and v, then ordinary causal attention;
 * absorbed form (decode): kv_b_proj is folded into the query (W_UK) and the output (W_UV), so the
   attention reads the 576-wide latent (c_kv | k_pe) directly, never per-head keys or values.
-Both read and write the latent cache (hybrid/kv_cache.py); tests/test_model.py checks the plain
-form against transformers and tests/test_kv_cache.py checks absorbed decode against recompute.
+Both read and write the latent cache (hybrid/model/kv_cache.py). The engine builds each forward's
+`Step` once (positions, causal masks, the decode rows' slots and lengths); the layers only index it.
+tests/test_model.py checks the plain form against transformers and tests/test_engine.py checks
+absorbed decode against recompute.
 
 T tokens (all sequences of a step packed together), H heads, R kv_lora_rank, P rope dim.
 """
@@ -141,6 +143,7 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.r, self.h * (self.nope + self.vd), bias=False)
         self.o_proj = nn.Linear(self.h * self.vd, c.hidden_size, bias=False)
         self.scale = c.softmax_scale
+        self.triton = None      # the decode kernel's choice, made by the loader for the device (None: per call)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step,
                 cache=None, absorb: bool | None = None) -> torch.Tensor:
@@ -192,7 +195,7 @@ class MLAttention(nn.Module):
         # batched matmuls over the heads read the contiguous W_UK / W_UV in place
         q_lat = torch.matmul(q_nope.transpose(0, 1), w_uk).transpose(0, 1)       # [B, H, R]
         o_lat = mla_decode(q_lat, q_pe, cache.ckv[self.layer_idx], cache.kpe[self.layer_idx], slots, lengths,
-                           self.scale)
+                           self.scale, triton=self.triton)
         o = torch.matmul(w_uv, o_lat.to(q_nope.dtype).permute(1, 2, 0))        # [H, V, B]
         return o.permute(2, 0, 1)                                                  # [B, H, V]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from gpu_kernels import use_triton_on
 from hybrid.checkpoint import Checkpoint
 from hybrid.experts.backends import load_layer_experts
 from hybrid.experts.offload import ExpertOffload, OverlapStats
@@ -37,6 +38,8 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, exper
     model.to_empty(device=device)
     model.rope = Rope(config)               # its tables were created on the meta device
     model.overlap_stats = OverlapStats()    # per-layer CPU/accelerator timings, off until enabled
+    for layer in model.model.layers:
+        layer.self_attn.triton = use_triton_on(device)      # absorbed decode: Triton kernel or its reference
 
     params = dict(model.named_parameters())
     by_layer: dict[int, list[str]] = {}

@@ -3,7 +3,7 @@
 `write_tokenizer_files(out_dir, vocab_size)` writes `tiktoken.model` (vocab_size - 256 BPE
 ranks: 256 single bytes, then merges learned on the small corpus below, pre-tokenized with the
 Kimi pattern), `tokenizer_config.json` (256 added tokens named as in the real checkpoint, spec
-§5.3) and `chat_template.jinja` (a template with the K2.5/K2.6 structure, spec §5.4).
+§5.3) and `chat_template.jinja` (a template with the K2.5/K2.6 structure, docs/kimi_k2.md §5).
 Exercised by tests/test_tokenizer.py and tests/test_chat.py.
 """
 from __future__ import annotations
@@ -186,7 +186,7 @@ def _learn_merges(n_merges: int, seed: int = 0) -> list[bytes]:
                         return merges
     return merges
 
-# Chat template with the structure of the K2.5/K2.6 `chat_template.jinja` (spec §5.4): a
+# Chat template with the structure of the K2.5/K2.6 `chat_template.jinja` (docs/kimi_k2.md §5): a
 # tool_declare turn (the TypeScript-style `tools_ts_str` the tokenizer computes -- hybrid/chat.py
 # does it with hybrid/tool_declaration.py -- or, when that is empty/undefined, the compact tools
 # JSON), <|im_{role}|>{name}<|im_middle|>{body}<|im_end|> turns with no newlines

@@ -1,4 +1,4 @@
-"""Generated text -> reasoning, answer and OpenAI-style tool calls (spec §5.5), streaming-safe.
+"""Generated text -> reasoning, answer and OpenAI-style tool calls (docs/kimi_k2.md §5), streaming-safe.
 
 Thinking mode: the generation prompt already ends with `<think>`, so output starts inside the
 reasoning (a leading `<think>` is consumed if the model writes one anyway); reasoning ends at

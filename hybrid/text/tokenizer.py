@@ -1,7 +1,7 @@
 """Kimi tiktoken-format BPE tokenizer, read as data (no checkpoint code is executed).
 
 Reads `tiktoken.model` (one `base64(token_bytes) rank` line per ordinary token) and the special
-tokens from `tokenizer_config.json`; the pre-tokenizer pattern is the Kimi `pat_str` (spec §5.2),
+tokens from `tokenizer_config.json`; the pre-tokenizer pattern is the Kimi `pat_str` (docs/kimi_k2.md §5),
 kept here because the real checkpoint only has it inside `tokenization_kimi.py`.
 
 BPE is tiktoken's algorithm: a pre-token that is itself a token maps to it directly, otherwise
@@ -55,7 +55,7 @@ MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
 
 NUM_SPECIAL = 256
-# offset from n_ordinary -> name (spec §5.3); all other offsets are <|reserved_token_{id}|>.
+# offset from n_ordinary -> name (docs/kimi_k2.md §5); all other offsets are <|reserved_token_{id}|>.
 SPECIAL_NAMES = {
     0: "[BOS]", 1: "[EOS]", 2: "<|im_end|>", 3: "<|im_user|>", 4: "<|im_assistant|>",
     6: "<|start_header_id|>", 7: "<|end_header_id|>", 9: "[EOT]", 10: "<|im_system|>",

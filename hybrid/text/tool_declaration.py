@@ -4,7 +4,7 @@ K2.5/K2.6 checkpoints ship `tool_declaration_ts.py` (remote code, never run here
 tokenizer's `apply_chat_template` deep-sorts the tools, renders them with it and passes the text
 to the template as `tools_ts_str`; the template writes that string into the tool_declare turn,
 or the compact tools JSON when it is empty/undefined. This is our own implementation of that
-format (spec §5.4). The whole block:
+format (docs/kimi_k2.md §5). The whole block:
 
     # Tools\n\n## functions\nnamespace functions {\n<function>\n<function>...\n}\n
 
