@@ -23,6 +23,7 @@ import contextlib
 import importlib.util
 import os
 import sys
+import weakref
 
 import numpy as np
 import torch
@@ -61,9 +62,14 @@ def _ext():
 
 
 def _close_pools():
-    """kt-kernel's pools print "Goodbye" when destroyed: destroy them quietly at exit."""
+    """kt-kernel's pools print "Goodbye" when destroyed: at exit, drop every reference to them (the
+    instances' and the shared pool table) quietly, so they are destroyed here and not at teardown."""
+    import gc
     with quiet_native_output():
+        for ex in list(KTExperts._instances):
+            ex._moe = ex._infer = ex._keep = None
         KTExperts._cpu_infer.clear()
+        gc.collect()
 
 
 def _host_flags() -> set:
@@ -94,6 +100,7 @@ class KTExperts:
     stored (kt reads the int32 words itself), ``forward`` is synchronous, as ``CPUExperts``."""
 
     ACT_FORMATS = ("bf16",)
+    _instances = weakref.WeakSet()
     _cpu_infer = {}  # threads -> CPUInfer (kt-kernel keeps one pool per process)
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
@@ -104,7 +111,8 @@ class KTExperts:
         self.num_threads = num_threads or os.cpu_count()
         self._tensors = [None] * num_experts  # per expert: (gate_w, gate_s, up_w, up_s, down_w, down_s)
         self._loaded = np.zeros(num_experts, bool)
-        self._moe = None
+        self._moe = self._infer = self._keep = None
+        KTExperts._instances.add(self)
 
     @property
     def nbytes(self) -> int:

@@ -294,7 +294,11 @@ def _advice(config, plan: Plan) -> list[str]:
                    f"{_gb(plan.pinned_bytes)}, reserve {_gb(plan.ram_reserve_bytes)}"
                    + ("" if plan.on_gpu else ", accelerator-side weights and KV cache in RAM")
                    + f"), has {_gb(plan.ram_bytes)}: {_gb(short)} short")
-        n = math.ceil(short / eb)
+        cpu_eb = expert_nbytes(plan.expert_backend, config)     # RAM one expert frees when it moves
+        if cpu_eb > eb:
+            out.append(f"an INT4 expert backend (--expert-backend numba): the {plan.expert_backend} backend holds "
+                       f"every expert dequantized, {_gb(cpu_eb)} each instead of {_gb(eb)}")
+        n = math.ceil(short / cpu_eb)
         free_gpu = plan.gpu_mem_bytes - plan.gpu_total_bytes
         if plan.on_gpu and n * eb <= free_gpu:
             out.append(f"more GPU experts: --gpu-experts {plan.gpu_experts + n} moves {_gb(n * eb)} of experts "

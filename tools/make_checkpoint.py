@@ -1,6 +1,6 @@
 """Write a synthetic checkpoint in the real Kimi-K2.6 layout (see hybrid/synthetic/checkpoint.py).
 
-  python tools/make_checkpoint.py OUT_DIR [--preset tiny|k2-slice] [--layout k2.6|k2-thinking|deepseek-v3]
+  python tools/make_checkpoint.py OUT_DIR [--preset tiny|k2-slice] [--layout k2.6|k2-thinking|deepseek-v3|bf16]
          [--seed N] [--experts N] [--layers N] [--vocab N] [--set key=value ...]
 """
 from __future__ import annotations

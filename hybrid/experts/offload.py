@@ -98,12 +98,10 @@ class ExpertOffload:
             self._accel_out, _ = stream_layer(x, topk_ids, topk_weights, lambda e: self.hot.get(e) or self.fetch(e))
             self._t_submitted = time.perf_counter()
             return
-        hot = None
+        cpu_ids, cpu_w, hot = topk_ids, topk_weights, None
         if self.is_hot is not None:
-            topk_ids, cpu_w, hot = self.split(topk_ids, topk_weights)
-        else:
-            cpu_w = topk_weights
-        host = self._to_host(x, topk_ids, cpu_w)
+            cpu_ids, cpu_w, hot = self.split(topk_ids, topk_weights)
+        host = self._to_host(x, cpu_ids, cpu_w)
         self._future = self.worker.submit(self._run, *host)           # the CPU starts on the (cold) experts
         self._t_submitted = time.perf_counter()
         if hot is not None:                                           # the accelerator meanwhile

@@ -91,6 +91,7 @@ class Step:
     masks: list                # per sequence: bool [n, start+n], True above the causal diagonal (None if n == 1)
     decode_rows: torch.Tensor      # [B] rows of the one-token sequences (absorbed decode over the cache)
     decode_slots: torch.Tensor     # [B] their cache rows
+    decode_positions: torch.Tensor  # [B] the position each writes in the cache (start)
     decode_lengths: torch.Tensor   # [B] their cache lengths after this step (start + 1)
 
     @staticmethod
@@ -106,8 +107,8 @@ class Step:
         rows = [sum(lengths[:i]) for i, n in enumerate(lengths) if n == 1]
         one = [i for i, n in enumerate(lengths) if n == 1]
         as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
-        return Step(slots, starts, lengths, positions, masks, as_tensor(rows),
-                    as_tensor([slots[i] for i in one]), as_tensor([starts[i] + 1 for i in one]))
+        return Step(slots, starts, lengths, positions, masks, as_tensor(rows), as_tensor([slots[i] for i in one]),
+                    as_tensor([starts[i] for i in one]), as_tensor([starts[i] + 1 for i in one]))
 
     @staticmethod
     def single(n_tokens: int, start: int = 0, slot: int = 0, device="cpu") -> "Step":
@@ -179,7 +180,7 @@ class MLAttention(nn.Module):
             o[tok] = attend(q_nope[tok], q_pe[tok], keys_c, keys_pe, mask)
         if batched_decode:
             rows = step.decode_rows
-            cache.write_rows(self.layer_idx, step.decode_slots, step.decode_lengths - 1, c_kv[rows], k_pe[rows])
+            cache.write_rows(self.layer_idx, step.decode_slots, step.decode_positions, c_kv[rows], k_pe[rows])
             o[rows] = self._decode(q_nope[rows], q_pe[rows], cache, step.decode_slots, step.decode_lengths)
         return self.o_proj(o.reshape(T, self.h * self.vd))
 
