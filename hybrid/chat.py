@@ -1,5 +1,5 @@
-"""Chat on top of the engine: messages -> the checkpoint's own template (hybrid/chat.py) -> generation
--> reasoning / content / tool calls (hybrid/parsing.py). Used by LLM.chat / LLM.chat_stream, the
+"""Chat on top of the engine: messages -> the checkpoint's own template (hybrid/text/chat_template.py) -> generation
+-> reasoning / content / tool calls (hybrid/text/output_parser.py). Used by LLM.chat / LLM.chat_stream, the
 terminal chat and the server. Checked by tests/test_engine.py::test_chat_*.
 """
 from __future__ import annotations

@@ -116,7 +116,7 @@ class LLM:
             print(format_placement(self.placement()))
 
     def placement(self) -> dict:
-        """What lives where, in bytes (see hybrid/placement.py)."""
+        """What lives where, in bytes (see hybrid/model/inventory.py)."""
         return placement_summary(self.model, self.engine.cache)
 
     # ---- scoring ----------------------------------------------------------------------

@@ -5,7 +5,7 @@
     print(format_plan(plan))     # `hybrid plan MODEL_DIR ...` is cli_plan(argv)
 
 GPU: the accelerator-side weights (MLA, dense layers, shared experts, lm_head in bf16 or 8 bits per
-hybrid/gpu_weights.py; router fp32; norms and embeddings bf16), hot experts kept on the GPU in INT4,
+hybrid/model/int8_linear.py, kv_b_proj kept bf16; router fp32; norms and embeddings bf16), hot experts kept on the GPU in INT4,
 the latent KV cache (layers x context x (kv_lora_rank + rope dim) x 2 bytes x batch), two expert
 streaming buffers and a fixed reserve. RAM: the routed experts in INT4 (packed + bf16 scale per 32;
 bf16/fp8 checkpoints are quantized to INT4 at load, same size), pinned transfer buffers and a reserve.
@@ -203,7 +203,7 @@ def _layout(config, gpu_mem_bytes, context, batch, gpu_weights, gpu_experts, exp
     eb = expert_bytes(config)
     cpu_eb = expert_nbytes(expert_backend, config)      # 8x eb for the dequantizing torch / ref backends
     n_experts = config.num_moe_layers * config.n_routed_experts
-    dense_bytes = 2 if on_gpu else 4       # on the CPU the accelerator side runs in fp32 (placement.py)
+    dense_bytes = 2 if on_gpu else 4       # on the CPU the accelerator side runs in fp32 (llm.default_dtype)
     parts = accelerator_parts(config, gpu_weights, dense_bytes)
     gpu_exp = min(gpu_experts, n_experts) * eb if on_gpu else 0
     stream = 2 * min(STREAM_CHUNK_EXPERTS, config.n_routed_experts) * eb if on_gpu and config.num_moe_layers else 0
@@ -320,7 +320,7 @@ def _predict(config, plan: Plan, hw: Hardware, prefill_tokens: int) -> None:
         xfer = MoE layers * (2 * 10 us + B * D * 6 bytes / pcie)   (hidden to the CPU, result back)
         decode tok/s = B / (cpu + gpu + xfer)   (no overlap assumed: the shared expert is short)
     Prefill of one prompt of T tokens: per MoE layer min(cpu(T), stream(T)) from
-    hybrid/expert_streaming.py, plus the accelerator side at 2 flop per weight per token and
+    hybrid/experts/streaming.py, plus the accelerator side at 2 flop per weight per token and
     the causal attention (T^2/2 * H * (d_qk + d_v) * 2 flop per layer) at gpu_tflops
     (cpu_gflops on a CPU-only machine); prefill tok/s = T / total."""
     c = config

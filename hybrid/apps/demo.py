@@ -51,10 +51,10 @@ def _mb(n: int) -> str:
 def placement_report(llm) -> list[str]:
     """Where the model sits: device and dtype of the dense part, backend and bytes of the routed experts."""
     dense = sum(p.numel() * p.element_size() for p in llm.model.parameters())
-    experts = [m.experts for m in llm.model.modules() if getattr(m, "experts", None) is not None
-               and hasattr(m.experts, "submit")]
-    expert_bytes = sum(getattr(e, "nbytes", 0) for e in experts)
-    backend = type(experts[0]).__name__ if experts else "none"
+    experts = [layer.mlp.experts.backend for layer in llm.model.model.layers
+               if getattr(layer.mlp, "experts", None) is not None]       # each MoE layer's ExpertOffload
+    expert_bytes = sum(e.nbytes for e in experts)
+    backend = f"{llm.expert_backend} ({type(experts[0]).__name__})" if experts else "none"
     cfg = llm.config
     kv = getattr(llm.engine.cache, "nbytes", None)
     return [
@@ -80,12 +80,8 @@ def run_demo(device: str = "auto", expert_backend: str = "auto", num_threads: in
               max_context=1024, max_batch=4)
     console.print(f"loaded in {time.perf_counter() - t0:.2f} s")
     console.print(placement_report(llm)[0], markup=False)
-    if hasattr(llm, "placement"):                 # hybrid/placement.py's summary, where present
-        from hybrid.model.inventory import format_placement
-        console.print(format_placement(llm.placement()), markup=False)
-    else:
-        for line in placement_report(llm):
-            console.print("  " + line, markup=False)
+    from hybrid.model.inventory import format_placement
+    console.print(format_placement(llm.placement()), markup=False)
     sampling = SamplingParams(temperature=0.8, top_p=0.95, seed=0, max_tokens=max_tokens)
     messages = [{"role": "system", "content": "You are a helpful assistant."}]
     for turn, question in enumerate(["Hi! What can a hybrid CPU/GPU runtime do?",

@@ -1,6 +1,6 @@
 """OpenAI-style request fields -> SamplingParams and chat arguments, with errors that name the field;
-ParsedMessage / usage -> OpenAI response pieces. Shared by the server (hybrid/server.py) and batch
-jobs (hybrid/batch.py), so a request line means the same in both. Checked by tests/test_server.py
+ParsedMessage / usage -> OpenAI response pieces. Shared by the server (hybrid/apps/server.py) and batch
+jobs (hybrid/apps/batch.py), so a request line means the same in both. Checked by tests/test_server.py
 (bad-input cases) and tests/test_batch.py.
 """
 from __future__ import annotations

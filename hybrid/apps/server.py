@@ -2,7 +2,7 @@
 
     hybrid serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
-Every request goes to one engine thread (hybrid/engine_thread.py), so concurrent requests share
+Every request goes to one engine thread (hybrid/apps/engine_thread.py), so concurrent requests share
 decode steps. Bad input gets a 400 with an OpenAI error body whose `param` names the field; a client
 that disconnects (streaming or not) aborts its request in the engine. tool_choice: "none" leaves the
 tools out of the prompt; "required" and a named function are treated as "auto" (no constrained

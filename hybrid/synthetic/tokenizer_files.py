@@ -188,7 +188,7 @@ def _learn_merges(n_merges: int, seed: int = 0) -> list[bytes]:
 
 # Chat template with the structure of the K2.5/K2.6 `chat_template.jinja` (docs/kimi_k2.md §5): a
 # tool_declare turn (the TypeScript-style `tools_ts_str` the tokenizer computes -- hybrid/chat.py
-# does it with hybrid/tool_declaration.py -- or, when that is empty/undefined, the compact tools
+# does it with hybrid/text/tool_declaration.py -- or, when that is empty/undefined, the compact tools
 # JSON), <|im_{role}|>{name}<|im_middle|>{body}<|im_end|> turns with no newlines
 # between them, `## Return of {id}` tool turns, reasoning dropped to <think></think> for history
 # up to the last assistant answer without tool calls (all kept with preserve_thinking), and the

@@ -4,7 +4,7 @@ The template runs in a sandboxed jinja2 environment set up like Hugging Face's
 `apply_chat_template` (trim_blocks, lstrip_blocks, loopcontrols, the same `tojson`), with the
 model card's switches as template variables (`thinking`, `preserve_thinking`). Tools are
 deep-sorted by key first, as the checkpoint's tokenizer does; for templates that read
-`tools_ts_str` (K2.5/K2.6) it is computed from the tools (hybrid/tool_declaration.py) unless the
+`tools_ts_str` (K2.5/K2.6) it is computed from the tools (hybrid/text/tool_declaration.py) unless the
 caller passes it, and left out -- so the template writes the JSON -- where the official encoder
 would fail too.
 
