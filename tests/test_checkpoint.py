@@ -157,3 +157,24 @@ def test_loading_leaves_no_shard_mapped(tiny_dir):
     llm = _load(tiny_dir)
     assert all(shard._mmap is None for shard in llm.checkpoint.shards.values())
     assert llm.checkpoint.tensor("model.norm.weight").shape == (128,)      # and they reopen on demand
+
+
+def test_bf16_layout_reads_as_unquantized(tmp_path):
+    """write_checkpoint(layout="bf16"): DeepSeek-V3's config without quantization_config, every Linear
+    (routed experts included) a plain bf16 .weight; the reader sees no quantization and no INT4 name."""
+    from hybrid.synthetic import write_checkpoint
+    d = write_checkpoint(tmp_path / "bf16", "tiny", layout="bf16", tokenizer=False, n_routed_experts=8, seed=7)
+    raw = json.loads((d / "config.json").read_text())
+    assert raw["model_type"] == "deepseek_v3" and "quantization_config" not in raw
+    config = load_config(d)
+    assert config.quantization.method == "none" and config.weight_prefix == ""
+    ck = Checkpoint(d, config)
+    assert not [n for n in ck.names() if n.endswith(("weight_packed", "weight_scale", "weight_scale_inv"))]
+    for e in range(8):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            module = f"model.layers.1.mlp.experts.{e}.{proj}"
+            assert ck.weight_format(module) == "dense"
+            assert ck.tensor(f"{module}.weight").dtype == torch.bfloat16
+    with pytest.raises(KeyError, match="weight_packed"):
+        ck.file_of("model.layers.1.mlp.experts.0.gate_proj.weight_packed")
+    assert ck.file_of("model.layers.1.mlp.experts.0.gate_proj.weight").is_file()

@@ -1,4 +1,4 @@
-"""Expert streaming (hybrid/expert_streaming.py): the CPU-vs-stream cost model on the K2.6 expert
+"""Expert streaming (hybrid/experts/streaming.py): the CPU-vs-stream cost model on the K2.6 expert
 shape, and the double-buffer bookkeeping against a fake device that simulates a copy queue and a
 compute queue and records every event. Run: pytest tests/test_expert_streaming.py (< 1 s).
 """

@@ -35,14 +35,45 @@ def test_k26_bytes(k26):
     assert expert_bytes(k26) == per_expert
     assert p.cpu_expert_bytes == 60 * 384 * per_expert == 570_760_888_320   # 531.6 GiB
     assert p.kv_cache_bytes == 61 * 65536 * (512 + 64) * 2 == kv_cache_bytes(k26, 65536, 1)
-    attn = 7168 * 1536 + 1536 * 64 * 192 + 7168 * 576 + 512 * 64 * 256 + 64 * 128 * 7168
+    attn = 7168 * 1536 + 1536 * 64 * 192 + 7168 * 576 + 64 * 128 * 7168    # q_a, q_b, kv_a_with_mqa, o
     assert p.parts["attention"] == 61 * attn * 2
+    assert p.parts["kv_b_proj"] == 61 * 64 * (128 + 128) * 512 * 2      # heads x (nope + v) x kv_lora_rank
     assert p.parts["dense_mlp"] == 3 * 18432 * 7168 * 2
     assert p.parts["shared_experts"] == 60 * 3 * 2048 * 7168 * 2
     assert p.parts["lm_head"] == p.parts["embed_tokens"] == 163840 * 7168 * 2
     params = (p.gpu_weights_bytes - p.parts["router"]) / 2
     assert 11.5e9 < params < 11.8e9                                   # the ~11.6B GPU-resident part
     assert p.pinned_bytes > 0 and p.stream_buffer_bytes == 2 * 32 * per_expert
+
+
+def test_int8_keeps_kv_b_proj_in_the_model_dtype(k26):
+    """--gpu-weights int8 quantizes every accelerator-side Linear (1 byte + an fp32 scale per row) but
+    kv_b_proj, which the absorbed decode reads in place in the model dtype."""
+    q = plan(k26, gpu_weights="int8")
+    rows_cols = [(1536, 7168), (64 * 192, 1536), (576, 7168), (7168, 64 * 128)]   # q_a, q_b, kv_a, o
+    assert q.parts["attention"] == 61 * sum(n * k + 4 * n for n, k in rows_cols)
+    assert q.parts["kv_b_proj"] == 61 * 64 * 256 * 512 * 2
+    assert q.parts["shared_experts"] == 60 * (2 * (2048 * 7168 + 4 * 2048) + 7168 * 2048 + 4 * 7168)
+    cpu_only = make_plan(k26, gpu_mem_bytes=0, ram_bytes=parse_size("1TB"), context=65536, gpu_weights="int8")
+    assert cpu_only.parts["kv_b_proj"] == 61 * 64 * 256 * 512 * 4     # fp32 on a CPU-only machine
+
+
+def test_torch_backend_holds_the_experts_dequantized(k26):
+    """expert_backend torch / ref: the routed experts in RAM as fp32 (3 * D * I * 4 bytes each), not INT4;
+    hot experts on the GPU stay INT4."""
+    fp32_expert = 3 * 7168 * 2048 * 4
+    for backend in ("torch", "ref"):
+        p = plan(k26, gpu_weights="int8", expert_backend=backend)
+        assert p.cpu_expert_bytes == 60 * 384 * fp32_expert == 4_058_744_094_720       # 3780 GiB
+        assert not p.fits_ram and "dequantized (%s)" % backend in format_plan(p)
+    numba = plan(k26, gpu_weights="int8")
+    assert numba.cpu_expert_bytes == 60 * 384 * 3 * 2048 * 7168 * (0.5 + 2 / 32)
+    assert plan(k26, gpu_weights="int8", expert_backend="auto").cpu_expert_bytes == numba.cpu_expert_bytes
+    hot = plan(k26, gpu_weights="int8", expert_backend="torch", gpu_experts=10)
+    assert hot.cpu_expert_bytes == (60 * 384 - 10) * fp32_expert
+    assert hot.gpu_expert_bytes == 10 * 3 * 2048 * 7168 * (0.5 + 2 / 32)
+    with pytest.raises(ValueError, match="expert_backend"):
+        plan(k26, expert_backend="cuda")
 
 
 def test_24gb_bf16_does_not_fit_and_advice_says_int8(k26):

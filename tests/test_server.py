@@ -1,6 +1,9 @@
 """The real server (uvicorn on a free port, in a thread) driven by the official openai client and by raw
 HTTP: chat (stream and not, thinking on/off, tools), completions, models, bad input -> 400 naming the
-field, 401 with --api-key, disconnects abort, concurrent requests share decode steps.
+field, 401 with --api-key, disconnects abort, concurrent requests share decode steps, `echo` on
+/v1/completions puts the prompt's text before the completion.
+The server runs the default expert backend (expert_backend="auto"), the one a user gets: every token
+comparison here is between two requests to this same server, so no test needs the torch backend.
 The tiny model has random weights and never writes a tool call, so the tool tests script the text of
 the requests they send (ScriptedEngine); everything else runs the real engine.
 """
@@ -22,6 +25,8 @@ from hybrid.apps.server import create_app
 from hybrid.synthetic import write_checkpoint
 
 MAX_CONTEXT = 512
+FAST_BACKENDS = ("numba", "kt")    # what "auto" picks when a fast CPU backend runs; torch would be the fallback
+PROMPT = "Once upon a time"
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                            "parameters": {"type": "object",
                                                           "properties": {"city": {"type": "string"}}}}}]
@@ -92,7 +97,8 @@ class _Server:
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     path = write_checkpoint(tmp_path_factory.mktemp("srv") / "tiny", "tiny")
-    llm = hybrid.LLM(path, expert_backend="torch", progress=False, max_context=MAX_CONTEXT, max_batch=8)
+    llm = hybrid.LLM(path, progress=False, max_context=MAX_CONTEXT, max_batch=8)       # the default backend
+    assert llm.expert_backend in FAST_BACKENDS, f"auto fell back to {llm.expert_backend!r}"
     llm.engine = ScriptedEngine(llm.engine)
     return llm
 
@@ -133,29 +139,46 @@ def test_chat_stream_with_usage_and_seed(client):
             model="tiny", messages=USER, max_tokens=8, temperature=1.0, seed=7, stream=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
         assert chunks[0].choices[0].delta.role == "assistant"
-        text = "".join((c.choices[0].delta.model_extra.get("reasoning_content") or "") + (c.choices[0].delta.content or "")
-                       for c in chunks if c.choices)
+        text = "".join((c.choices[0].delta.model_extra.get("reasoning_content") or "")
+                       + (c.choices[0].delta.content or "") for c in chunks if c.choices)
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
         assert chunks[-1].usage.completion_tokens == 8 and not chunks[-1].choices
         return text
     assert run() == run()                       # same seed, same text
 
 
-def test_completions_prompt_text_ids_stream_stop_echo(client):
-    r = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0,
+def test_completions_prompt_text_ids_stream_stop(client):
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0,
                                   extra_body={"ignore_eos": True})
     text = r.choices[0].text
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
     streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0, stream=True,
+        model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
         extra_body={"ignore_eos": True}))
     assert streamed == text
     stop = text[3:6]
-    r2 = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0,
+    r2 = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0,
                                    stop=[stop], extra_body={"ignore_eos": True})
     assert r2.choices[0].finish_reason == "stop" and r2.choices[0].text == text[:text.index(stop)]
-    r3 = client.completions.create(model="tiny", prompt=[5, 6, 7, 8], max_tokens=3, echo=True, temperature=0)
-    assert r3.usage.prompt_tokens == 4 and len(r3.choices) == 1
+    r3 = client.completions.create(model="tiny", prompt=[5, 6, 7, 8], max_tokens=3, temperature=0,
+                                   extra_body={"ignore_eos": True})
+    assert r3.usage.prompt_tokens == 4 and r3.usage.completion_tokens == 3 and len(r3.choices) == 1
+
+
+def test_completions_echo_puts_the_prompt_first(client, llm):
+    def complete(prompt, **kw):
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
+                                         extra_body={"ignore_eos": True}, **kw)
+    plain = complete(PROMPT)
+    assert plain.choices[0].text and not plain.choices[0].text.startswith(PROMPT)   # no echo: completion only
+    echoed = complete(PROMPT, echo=True)
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text                # the same greedy tokens
+    assert (echoed.usage.prompt_tokens, echoed.usage.completion_tokens) == (plain.usage.prompt_tokens, 6)
+    chunks = [c.choices[0].text for c in complete(PROMPT, echo=True, stream=True) if c.choices]
+    assert chunks[0] == PROMPT and "".join(chunks) == PROMPT + plain.choices[0].text
+    assert complete(PROMPT, echo=False).choices[0].text == plain.choices[0].text
+    ids = llm.tokenizer.encode(PROMPT)            # a prompt of token ids echoes as its text
+    assert complete(ids, echo=True).choices[0].text == PROMPT + plain.choices[0].text
 
 
 def test_models_and_health(client, server):

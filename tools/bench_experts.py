@@ -1,17 +1,24 @@
 """Benchmark the CPU routed-expert kernels against the machine's own limits, in one run.
 
-    python tools/bench_experts.py [--quick] [--json] [--threads N] [--backends numba,kt]
+    python tools/bench_experts.py [--quick] [--json] [--threads N] [--act-format int8|int8x2]
+                                  [--prefill-experts E]
 
 Measures (1) read bandwidth: a STREAM-like parallel sum over 1 GiB (Numba, all threads, best of
 several runs) and (2) the fp32 FMA peak: torch.matmul 2048^3 (OpenBLAS/oneDNN, all threads), then
   decode: batch-1, top-8, K2.6 expert shape (7168 x 2048), consecutive tokens cycle over a working
           set of experts >= 8x the last-level cache so every weight comes from DRAM; GB/s of INT4
-          weights+scales read and the ratio to the measured bandwidth, for 1..N threads;
+          weights+scales read and the ratio to the read bandwidth, for 1..N threads;
   prefill: 64/512/2048 tokens, top-8 over the experts (uniform and skewed routing); GFLOP/s
-          (6*D*I per token and expert) and the ratio to the measured fp32 peak.
-Weights are random bytes in the kernel layout (speed does not depend on their values).
+          (6*D*I per token and expert) and the ratio to the measured fp32 peak;
+  kt:     the same decode and prefill (T=512) on kt-kernel's RAWINT4 kernels, where it is installed.
+The read bandwidth is measured again after each kernel run (other processes on a small machine
+change it): the decode ratio uses the best figure seen at that thread count, and the figures
+before and after each run are printed, so a disturbed run shows.
+Weights are random nibbles (speed does not depend on their values), loaded with
+CPUExperts.set_expert (numba) / KTExperts.load_expert (kt, the int32 words as stored); an
+expert's bytes are hybrid.formats.int4_expert_nbytes.
 --json prints one object with read_bandwidth_gbs, fma_peak_gflops, decode_gbs, decode_ratio,
-prefill_512_gflops, prefill_512_ratio, threads (+ kt_* where kt-kernel runs).
+prefill_512_gflops, prefill_512_ratio, threads, read_bandwidth_after_gbs (+ kt_* where kt-kernel runs).
 """
 import argparse
 import json
@@ -25,7 +32,8 @@ import torch
 from numba import njit, prange
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cpu_kernels import EXPERT_BACKENDS, kt_available  # noqa: E402
+from cpu_kernels import CPUExperts, KTExperts, kt_available  # noqa: E402
+from hybrid.formats import int4_expert_nbytes, pack_int4  # noqa: E402
 
 D, I, TOPK = 7168, 2048, 8
 
@@ -81,25 +89,38 @@ def _timeit(fn):
     return time.perf_counter() - t0
 
 
-def make_experts(backend, num_experts, threads, act_format="int8"):
-    """An expert set with random weights (numba: written straight into the kernel layout)."""
-    ex = EXPERT_BACKENDS[backend](num_experts, D, I, num_threads=threads, act_format=act_format)
-    if backend == "numba":
-        rng = np.random.default_rng(0)
-        block = rng.integers(0, 256, size=ex.wg[0].shape, dtype=np.uint8)
-        block[..., 128:] = 0  # bf16 scales: 0x3C23 = 0.00995
-        block[..., 128::2] = 0x23
-        block[..., 129::2] = 0x3C
-        for w in (ex.wg, ex.wu, ex.wd):
-            w.reshape(num_experts, -1)[:] = block.reshape(-1)
-        ex._loaded[:] = True
-    else:
-        raise ValueError(f"make_experts: backend {backend!r} needs its own loader")
+def _random_expert(seed=0):
+    """One expert's random nibbles (uint8, u = q + 8) and bf16 scales 0.01: gate/up [I, D], down [D, I]."""
+    rng = np.random.default_rng(seed)
+    parts = {}
+    for n, k in ((I, D), (D, I)):
+        parts[n, k] = (rng.integers(0, 16, (n, k), dtype=np.uint8),
+                       torch.full((n, k // 32), 0.01, dtype=torch.bfloat16))
+    return parts[I, D], parts[D, I]
+
+
+def make_experts(num_experts, threads, act_format="int8"):
+    """numba experts (cpu_kernels.CPUExperts) with random weights; each expert its own copy in RAM."""
+    ex = CPUExperts(num_experts, D, I, num_threads=threads, act_format=act_format)
+    (gu, gs), (du, ds) = _random_expert()
+    for e in range(num_experts):
+        ex.set_expert(e, gu, gs, gu, gs, du, ds)
+    return ex
+
+
+def make_kt_experts(num_experts, threads):
+    """kt-kernel experts (cpu_kernels.KTExperts) loaded with the int32 words as a checkpoint stores them."""
+    ex = KTExperts(num_experts, D, I, num_threads=threads)
+    (gu, gs), (du, ds) = _random_expert()
+    g = pack_int4(torch.from_numpy(gu.astype(np.int8) - 8)), gs
+    d = pack_int4(torch.from_numpy(du.astype(np.int8) - 8)), ds
+    for e in range(num_experts):  # KTExperts.load_expert copies: each expert its own bytes
+        ex.load_expert(e, *g, *g, *d)
     return ex
 
 
 def expert_bytes():
-    return 3 * D * I // 2 + 3 * D * I // 32 * 2
+    return int4_expert_nbytes(D, I)
 
 
 def bench_decode(ex, threads, steps, windows=3):
@@ -107,7 +128,7 @@ def bench_decode(ex, threads, steps, windows=3):
 
     Best of ``windows`` runs of ``steps`` tokens (other processes on a small machine steal
     cores now and then; the best window is the kernel's own speed)."""
-    ex.num_threads = threads
+    ex.num_threads = threads  # kt: its pool is built with the threads of its constructor
     E = ex.E
     rng = np.random.default_rng(1)
     x = rng.standard_normal((1, D)).astype(np.float32)
@@ -142,6 +163,27 @@ def bench_prefill(ex, T, skew, reps):
     return 6.0 * D * I * T * TOPK / best / 1e9
 
 
+def bench_kt(threads, decode_experts, prefill_experts, quick=False, say=print, measured=None):
+    """kt-kernel figures: the same shapes, routing and timing method as the numba runs above.
+    measured(run, threads, fn) -> (fn(), note) wraps each run (main's read-bandwidth check)."""
+    from cpu_kernels.kt_backend import _ext, _rawint4_class
+    measured = measured or (lambda run, t, fn: (fn(), ""))
+    os.environ.setdefault("KT_RAWINT4_BACKEND", "avx2")
+    res = {}
+    ex = make_kt_experts(decode_experts, threads)
+    t0 = time.perf_counter()
+    dec, note = measured("kt_decode", threads, lambda: bench_decode(ex, threads, steps=10 if quick else 40))
+    res["kt_decode_gbs"] = dec
+    say(f"\nkt-kernel ({_rawint4_class(_ext()).__name__}): decode {dec:.2f} GB/s "
+        f"({time.perf_counter() - t0:.0f} s; {note})")
+    del ex
+    ex = make_kt_experts(prefill_experts, threads)
+    g, note = measured("kt_prefill_512", threads, lambda: bench_prefill(ex, 512, False, reps=1))
+    res["kt_prefill_512_gflops"] = g
+    say(f"kt-kernel: prefill T=512 uniform {g:.1f} GFLOP/s ({note})")
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short run: fewer steps/experts/sizes")
@@ -166,20 +208,30 @@ def main(argv=None):
     res["fma_peak_gflops"] = fma_peak(N, reps=3 if args.quick else 5)
     say("read bandwidth (GB/s, best of runs): " + ", ".join(f"{t} thr {v:.1f}" for t, v in bw.items()))
     say(f"fp32 FMA peak (torch.matmul 2048^3, {N} thr): {res['fma_peak_gflops']:.0f} GFLOP/s")
+    around = res["read_bandwidth_around_runs"] = {}   # run -> (GB/s before, GB/s after)
+
+    def measured(run, t, fn):
+        """fn() with the read bandwidth (t threads) measured right before and right after it."""
+        before = read_bandwidth(t, reps=3)
+        out = fn()
+        after = read_bandwidth(t, reps=3)
+        around[run] = (before, after)
+        bw[t] = max(bw[t], before, after)
+        return out, f"read bw before {before:.1f} / after {after:.1f} GB/s"
 
     llc = llc_bytes()
     e_dec = max(TOPK * 2, -(-8 * llc // expert_bytes()) + 1)
-    ex = make_experts("numba", e_dec, N, args.act_format)
+    ex = make_experts(e_dec, N, args.act_format)
     say(f"\ndecode: K2.6 experts {D}x{I}, {e_dec} experts = {e_dec * expert_bytes() / 1e9:.2f} GB "
-        f"(>= 8x LLC {llc >> 20} MiB), top-{TOPK}")
+        f"(>= 8x LLC {llc >> 20} MiB), top-{TOPK}, act_format {args.act_format}")
     dec = {}
     for t in range(1, N + 1):
-        dec[t] = bench_decode(ex, t, steps=10 if args.quick else 25, windows=2 if args.quick else 4)
-        bw[t] = max(bw[t], read_bandwidth(t, reps=3))  # again, right beside it
-        res["read_bandwidth_gbs"] = bw[N]
+        dec[t], note = measured(f"decode_{t}thr", t, lambda: bench_decode(
+            ex, t, steps=10 if args.quick else 25, windows=2 if args.quick else 4))
         say(f"  {t} thr: {dec[t]:6.2f} GB/s  ratio to read bw({t} thr) {dec[t] / bw[t]:.2f}  "
-            f"{1e3 * TOPK * expert_bytes() / dec[t] / 1e9:.2f} ms/token/layer")
-    say("read bandwidth re-measured beside decode (best): " + ", ".join(f"{t} thr {v:.1f}" for t, v in bw.items()))
+            f"{1e3 * TOPK * expert_bytes() / dec[t] / 1e9:.2f} ms/token/layer  ({note})")
+    say("read bandwidth, best seen: " + ", ".join(f"{t} thr {v:.1f}" for t, v in bw.items()))
+    res["read_bandwidth_gbs"] = bw[N]
     res["decode_gbs"] = dec[N]
     res["decode_ratio"] = dec[N] / bw[N]
     res["decode_gbs_by_threads"] = dec
@@ -191,29 +243,30 @@ def main(argv=None):
         say(f"\nonly {_mem_available() / 1e9:.1f} GB available: prefill uses {fit} experts, not {e_pre}")
         e_pre = fit
     sizes = (64, 512) if args.quick else (64, 512, 2048)
-    ex = make_experts("numba", e_pre, N, args.act_format)
+    ex = make_experts(e_pre, N, args.act_format)
     say(f"\nprefill: {e_pre} experts ({e_pre * expert_bytes() / 1e9:.1f} GB), top-{TOPK}, {N} thr; "
         f"GFLOP/s = 6*D*I*T*8 / time")
     for T in sizes:
         for skew in (False, True):
-            g = bench_prefill(ex, T, skew, reps=1 if T >= 2048 or args.quick else 2)
             name = f"prefill_{T}{'_skewed' if skew else ''}"
+            g, note = measured(name, N, lambda: bench_prefill(ex, T, skew, reps=1 if T >= 2048 or args.quick else 2))
             res[name + "_gflops"] = g
             res[name + "_ratio"] = g / res["fma_peak_gflops"]
             say(f"  T={T:5d} {'skewed ' if skew else 'uniform'}: {g:7.1f} GFLOP/s  "
-                f"ratio to fp32 peak {g / res['fma_peak_gflops']:.2f}")
+                f"ratio to fp32 peak {g / res['fma_peak_gflops']:.2f}  ({note})")
     del ex
     res["prefill_experts"] = e_pre
 
     if kt_available():
-        from cpu_kernels.kt_backend import bench_kt
-        res.update(bench_kt(N, e_dec, e_pre, quick=args.quick, say=say))
+        res.update(bench_kt(N, e_dec, e_pre, quick=args.quick, say=say, measured=measured))
         if "kt_decode_gbs" in res:
             res["decode_vs_kt"] = res["decode_gbs"] / res["kt_decode_gbs"]
         if "kt_prefill_512_gflops" in res:
             res["prefill_512_vs_kt"] = res["prefill_512_gflops"] / res["kt_prefill_512_gflops"]
     else:
         say("\nkt-kernel not installed: no kt figures")
+    res["read_bandwidth_after_gbs"] = read_bandwidth(N, reps=3)
+    say(f"\nread bandwidth at the end ({N} thr): {res['read_bandwidth_after_gbs']:.1f} GB/s")
     if args.json:
         print(json.dumps(res, default=float), file=json_out, flush=True)
     return res

@@ -108,12 +108,10 @@ def read_entries(input_path: Path) -> list[_Entry]:
 class _Writer:
     def __init__(self, path: Path):
         self.f = open(path, "a", encoding="utf-8")
-        self.n = 0
 
     def write(self, record: dict) -> None:
         self.f.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.f.flush()
-        self.n += 1
 
     def error(self, e: _Entry) -> None:
         rec = {"id": e.id, "line": e.line, "error": e.error, "param": e.param}

@@ -122,12 +122,12 @@ def _run_bench(argv: list[str]) -> int:
         return 2
     module = BENCHES[argv[0]]
     path = Path(__file__).resolve().parents[2] / "tools" / f"{module}.py"
-    old = sys.argv
-    sys.argv = [f"hybrid bench {argv[0]}"] + argv[1:]
     if not path.is_file():      # tools/ is not installed: the benchmarks run from a source checkout
         print(f"benchmark {argv[0]} is not available: it is tools/{module}.py in the source tree "
               f"(git clone, then run it there)", file=sys.stderr)
         return 2
+    old = sys.argv
+    sys.argv = [f"hybrid bench {argv[0]}"] + argv[1:]
     try:
         runpy.run_path(str(path), run_name="__main__")
     finally:

@@ -15,7 +15,11 @@ from hybrid.sampling import SamplingParams
 def read_prompts(path: str | Path) -> list:
     """One prompt per line: plain text, or JSON objects with "prompt" (text or ids) or "messages"."""
     prompts = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"--prompts {path}: cannot read it ({e.strerror or e})") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):

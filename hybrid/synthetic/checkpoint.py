@@ -4,8 +4,15 @@ What is written is what Hugging Face ships: config.json (K2.6: the kimi_k25 wrap
 text_config, the real quantization_config and a vision_config), generation_config.json,
 model.safetensors.index.json, several shards, routed experts as compressed-tensors INT4
 (weight_packed / weight_scale / weight_shape), everything else bf16 (e_score_correction_bias fp32),
-and the tokenizer files. Random weights are scaled (std 1/sqrt(fan_in), norms near 1, router logits
-~N(0,1)) so activations stay finite and routing stays non-degenerate through every layer.
+and the tokenizer files. Layouts (LAYOUTS):
+    k2.6         the above
+    k2-thinking  the same weights, K2-Thinking's flat config (model_type kimi_k2)
+    deepseek-v3  DeepSeek-V3's config (model_type deepseek_v3) and FP8 128x128 blocks for every Linear but
+                 the router and lm_head (routed experts included; .weight float8_e4m3fn + .weight_scale_inv)
+    bf16         DeepSeek-V3's config without quantization_config and every Linear (routed experts
+                 included) in bf16, like a community bf16 conversion of DeepSeek-V3
+Random weights are scaled (std 1/sqrt(fan_in), norms near 1, router logits ~N(0,1)) so activations stay
+finite and routing stays non-degenerate through every layer.
 `tools/make_checkpoint.py` is the command line; `hybrid demo` and the tests call `write_checkpoint`.
 """
 from __future__ import annotations
@@ -44,7 +51,8 @@ PRESETS = {
                      qk_rope_head_dim=64, v_head_dim=128, num_attention_heads=64, vocab_size=16640,
                      max_position_embeddings=262144, rope_factor=64.0, beta_fast=32.0, shards=8),
 }
-LAYOUTS = ("k2.6", "k2-thinking", "deepseek-v3")
+LAYOUTS = ("k2.6", "k2-thinking", "deepseek-v3", "bf16")
+DEEPSEEK_LAYOUTS = ("deepseek-v3", "bf16")   # model_type deepseek_v3
 N_SPECIAL = 256  # special tokens after the ordinary ones, as in the real tokenizer (163584 + 256)
 
 
@@ -60,7 +68,7 @@ def text_config(s: dict, layout: str) -> dict:
         "first_k_dense_replace": s["first_k_dense_replace"], "hidden_act": "silu",
         "hidden_size": s["hidden_size"], "initializer_range": 0.02, "intermediate_size": s["intermediate_size"],
         "kv_lora_rank": s["kv_lora_rank"], "max_position_embeddings": s["max_position_embeddings"],
-        "model_type": "deepseek_v3" if layout == "deepseek-v3" else "kimi_k2",
+        "model_type": "deepseek_v3" if layout in DEEPSEEK_LAYOUTS else "kimi_k2",
         "moe_intermediate_size": s["moe_intermediate_size"], "moe_layer_freq": 1, "n_group": s["n_group"],
         "n_routed_experts": s["n_routed_experts"], "n_shared_experts": s["n_shared_experts"],
         "norm_topk_prob": True, "num_attention_heads": s["num_attention_heads"],
@@ -77,7 +85,8 @@ def text_config(s: dict, layout: str) -> dict:
     }
     if s["rope_factor"] <= 1:
         cfg["rope_scaling"] = None
-    cfg["quantization_config"] = copy.deepcopy(FP8_CONFIG if layout == "deepseek-v3" else QUANT_CONFIG)
+    if layout != "bf16":                                  # bf16: no quantization_config at all
+        cfg["quantization_config"] = copy.deepcopy(FP8_CONFIG if layout == "deepseek-v3" else QUANT_CONFIG)
     return cfg
 
 
@@ -170,8 +179,8 @@ def _layer_tensors(i: int, s: dict, rnd: _Weights, layout: str) -> dict:
     for e in range(e_n):
         P = f"{M}.experts.{e}"
         for proj, (n_out, n_in) in (("gate_proj", (inter, d)), ("up_proj", (inter, d)), ("down_proj", (d, inter))):
-            if fp8:
-                _linear(t, f"{P}.{proj}", rnd.dense(n_out, n_in), True)
+            if layout in DEEPSEEK_LAYOUTS:                 # FP8 blocks, or plain bf16
+                _linear(t, f"{P}.{proj}", rnd.dense(n_out, n_in), fp8)
             else:
                 packed, scale = rnd.int4(n_out, n_in)
                 t[f"{P}.{proj}.weight_packed"] = packed
