@@ -1,10 +1,18 @@
 """Independent reference for the model tests: transformers' DeepseekV3ForCausalLM built from the same
 checkpoint files, read with the safetensors package and dequantized with compressed-tensors' own
-unpacker (INT4) or a plain block multiply (FP8) — none of hybrid's loading code is used here."""
+unpacker (INT4) or a plain block multiply (FP8) — none of hybrid's loading code is used here.
+
+The runtime stores every routed expert in INT4: bf16 / FP8 experts are quantized at load. For such a
+checkpoint `build_hf_model(dir, experts_int4=f)` puts f(W) in place of each dense routed expert matrix W
+(the tests pass hybrid.formats' quantize -> dequantize round trip, tested on its own in test_formats.py).
+`hf_routes` records transformers' expert choices; `freeze_routing` makes another model (ours: its
+router modules carry the same names) replay them."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -36,8 +44,9 @@ def _dense(raw: dict, module: str, group: int) -> torch.Tensor:
     return raw[f"{module}.weight"].float()
 
 
-def build_hf_model(model_dir: str | Path):
-    """DeepseekV3ForCausalLM (float32, eager attention) holding the checkpoint's weights."""
+def build_hf_model(model_dir: str | Path, experts_int4: Callable | None = None):
+    """DeepseekV3ForCausalLM (float32, eager attention) holding the checkpoint's weights; with
+    `experts_int4`, the routed experts not stored in INT4 are replaced by experts_int4(W [N, K]) (dense)."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
     model_dir = Path(model_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
@@ -51,16 +60,22 @@ def build_hf_model(model_dir: str | Path):
     model = model.to_empty(device="cpu").float()
     model.model.rotary_emb.__init__(config)     # its inv_freq buffer was made on the meta device
     raw = _read_all(model_dir)
+
+    def expert(module: str) -> torch.Tensor:
+        w = _dense(raw, module, 32)
+        if experts_int4 is not None and f"{module}.weight_packed" not in raw:
+            w = experts_int4(w).float()
+        return w
     sd = {}
     for name, p in model.state_dict().items():
         if name.endswith("mlp.experts.gate_up_proj") or name.endswith("mlp.experts.down_proj"):
             prefix = name.rsplit(".", 1)[0]
             E = p.shape[0]
             if name.endswith("gate_up_proj"):
-                sd[name] = torch.stack([torch.cat([_dense(raw, f"{prefix}.{e}.gate_proj", 32),
-                                                   _dense(raw, f"{prefix}.{e}.up_proj", 32)]) for e in range(E)])
+                sd[name] = torch.stack([torch.cat([expert(f"{prefix}.{e}.gate_proj"),
+                                                   expert(f"{prefix}.{e}.up_proj")]) for e in range(E)])
             else:
-                sd[name] = torch.stack([_dense(raw, f"{prefix}.{e}.down_proj", 32) for e in range(E)])
+                sd[name] = torch.stack([expert(f"{prefix}.{e}.down_proj") for e in range(E)])
         elif name.endswith(".weight") and (name not in raw or name[:-7] + ".weight_scale_inv" in raw):
             sd[name] = _dense(raw, name[: -len(".weight")], 32)
         elif name in raw:
@@ -77,3 +92,40 @@ def build_hf_model(model_dir: str | Path):
 @torch.no_grad()
 def hf_logits(model, token_ids: list[int]) -> torch.Tensor:
     return model(torch.tensor([token_ids])).logits[0].float()
+
+
+@torch.no_grad()
+def hf_routes(model, token_ids: list[int]) -> tuple[torch.Tensor, dict[str, tuple]]:
+    """(logits, routes): routes[gate module name] = (topk ids int64 [T, K], weights fp32 [T, K], already
+    scaled by routed_scaling_factor), as transformers' DeepseekV3TopkRouter chose them."""
+    routes, handles = {}, []
+    for name, m in model.named_modules():
+        if type(m).__name__ == "DeepseekV3TopkRouter":
+            def record(module, args, out, name=name):
+                _, weights, ids = out                                    # (router_logits, weights, ids)
+                routes[name] = (ids.long().clone(), weights.float().clone())
+            handles.append(m.register_forward_hook(record))
+    try:
+        return hf_logits(model, token_ids), routes
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def freeze_routing(model, routes: dict[str, tuple]):
+    """Within the block, each module of `model` named in `routes` (our Router: model.layers.{i}.mlp.gate,
+    returning (ids, weights)) returns the recorded choice instead of its own; one forward of len(ids) tokens."""
+    modules = dict(model.named_modules())
+    assert routes and set(routes) <= set(modules), f"router names differ: {sorted(set(routes) - set(modules))[:3]}"
+    handles = []
+    for name, (ids, weights) in routes.items():
+        def replay(module, args, out, ids=ids, weights=weights, name=name):
+            assert out[0].shape == ids.shape, f"{name}: {tuple(out[0].shape)} vs recorded {tuple(ids.shape)}"
+            return ids.to(out[0].device), weights.to(out[1].device)
+        handles.append(modules[name].register_forward_hook(replay))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
