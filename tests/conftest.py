@@ -20,6 +20,7 @@ VARIANTS = {
     "groups": dict(n_group=4, topk_group=2, seed=1),                         # group-limited routing
     "dense2-yarn": dict(first_k_dense_replace=2, num_hidden_layers=4, beta_fast=1.0, seed=2),
     "deepseek-v3-fp8": dict(layout="deepseek-v3", n_group=4, topk_group=2, seed=3),
+    "bf16": dict(layout="bf16", seed=4),                                     # dense bf16 experts, quantized at load
 }
 
 

@@ -163,3 +163,21 @@ def test_fp8_checkpoint_gives_every_backend_the_same_int4(checkpoint_dir, name):
                 assert torch.equal(words.view(torch.int32), packed) and torch.equal(s, scale)
         else:
             raise AssertionError(f"backend {name!r} has no check here: add one")
+
+
+KT_PRINTS = ("Hello", "Goodbye", "NumaPool", "CPUInfer")   # what kt-kernel 0.7.2's C++ code prints
+
+
+def test_kt_kernel_prints_stay_out_of_the_terminal(tiny_dir):
+    """kt measured by "auto" (or chosen) must not print into the user's terminal, at load or at exit."""
+    pytest.importorskip("kt_kernel")
+    import os
+    import subprocess
+    import sys
+    code = (f"from hybrid import LLM; llm = LLM({str(tiny_dir)!r}, expert_backend='kt', progress=False); "
+            "llm.score([1, 2, 3]); print('scored')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "scored", out.stdout
+    assert not any(p in out.stderr for p in KT_PRINTS), out.stderr

@@ -34,7 +34,7 @@ TOL = {
     "torch": REL_TOL,               # measured 1.5e-6
     "numba": {"int8": 4e-2,         # measured 1.8e-2 (median 9e-3): int8 activations, one scale per token
               "int8x2": 1e-2},      # measured 3.9e-3 (median 2e-3): int8 row + int8 residual row
-    "kt": 3e-2,                     # measured 1.1e-2 before the restructure (kt-kernel not installed here)
+    "kt": 1.5e-2,                   # bf16 activations, its own int8: worst 6.3e-3 (kt-kernel 0.7.2 AVX2, 2026-11-29)
 }
 PROMPTS = (1, 23, 64)
 EXACT = ("ref", "torch")    # the backends of test_logits_match_transformers; the others: test_backend_...
