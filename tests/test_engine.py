@@ -1,5 +1,9 @@
 """Generation: latent-cache decode equals recompute, greedy tokens equal transformers' generate
-(batched prompts of different lengths), chunked prefill, prefix reuse, stops, streaming, abort."""
+(batched prompts of different lengths), chunked prefill, prefix reuse, stops, streaming, abort; the Step
+the engine builds (hand-computed fields) and that the layers build no step tensors of their own."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import GenerationConfig
@@ -199,3 +203,63 @@ def test_a_failed_step_claims_no_cache_rows(tiny_dir):
     eng.abort(rid)
     eng.step()
     assert eng.slots.tokens[0] == [] and eng.slots.free_count() == 2
+
+
+def test_step_build_fields():
+    """Three sequences: decode at position 5 in slot 2, a 4-token prompt in slot 0, decode at 9 in slot 1."""
+    step = Step.build([2, 0, 1], [5, 0, 9], [1, 4, 1])
+    assert step.positions.tolist() == [5, 0, 1, 2, 3, 9] and step.positions.dtype == torch.long
+    assert step.masks[0] is None and step.masks[2] is None
+    assert step.masks[1].tolist() == [[False, True, True, True], [False, False, True, True],
+                                      [False, False, False, True], [False, False, False, False]]
+    assert step.decode_rows.tolist() == [0, 5]            # packed rows of the one-token sequences
+    assert step.decode_slots.tolist() == [2, 1]
+    assert step.decode_positions.tolist() == [5, 9]       # where each writes its latent in the cache
+    assert step.decode_lengths.tolist() == [6, 10]        # cache lengths after this step
+    assert all(t.dtype == torch.long for t in (step.decode_rows, step.decode_slots, step.decode_positions,
+                                               step.decode_lengths))
+    later = Step.build([3], [7], [3])                     # a prompt chunk after 7 cached tokens
+    assert later.positions.tolist() == [7, 8, 9] and len(later.decode_rows) == 0
+    assert later.masks[0].tolist() == [[False] * 8 + [True, True], [False] * 9 + [True], [False] * 10]
+
+
+def test_layers_build_no_step_tensors(llm, monkeypatch):
+    """During the engine's forwards (a batched decode of 3 sequences, then a step mixing 3 decodes with a
+    new prompt) no code of hybrid/model/ calls torch.tensor / torch.arange / torch.as_tensor: positions,
+    masks and the decode rows / slots / positions / lengths come with the Step, built once per step by the engine."""
+    import hybrid.model
+    model_dir = str(Path(hybrid.model.__file__).parent)
+    calls, steps, inside = [], [], [False]
+
+    def counting(name, real):
+        def f(*args, **kw):
+            caller = sys._getframe(1).f_code.co_filename
+            if inside[0] and caller.startswith(model_dir):
+                calls.append((name, caller, sys._getframe(1).f_lineno))
+            return real(*args, **kw)
+        return f
+    for name in ("tensor", "arange", "as_tensor"):
+        monkeypatch.setattr(torch, name, counting(name, getattr(torch, name)))
+    real_forward = llm.model.forward
+
+    def forward(ids, step, *args, **kw):
+        steps.append(step)
+        inside[0] = True
+        try:
+            return real_forward(ids, step, *args, **kw)
+        finally:
+            inside[0] = False
+    monkeypatch.setattr(llm.model, "forward", forward)
+    eng, sp = llm.engine, SamplingParams(max_tokens=4, **GREEDY)
+    assert not eng.has_unfinished()
+    for n, seed in ((5, 21), (9, 22), (3, 23)):
+        eng.add_request(_prompt(n, seed), sp)
+    eng.step()                                            # the three prompts
+    eng.step()                                            # three one-token decodes
+    eng.add_request(_prompt(4, 24), sp)
+    eng.step()                                            # three decodes and a new prompt
+    assert [s.lengths for s in steps] == [[5, 9, 3], [1, 1, 1], [1, 1, 1, 4]]
+    assert len(steps[1].decode_rows) == 3 and steps[2].decode_rows.tolist() == [0, 1, 2]
+    assert calls == [], f"tensors built inside the forward: {calls}"
+    while eng.has_unfinished():
+        eng.step()

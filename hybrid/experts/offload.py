@@ -166,8 +166,9 @@ class ExpertOffload:
             return tensors
         if self._h2d_done is not None:
             self._h2d_done.synchronize()        # the previous result's copy out of our buffer is over
+        main = torch.cuda.current_stream(self.device)
+        self._copy_stream.wait_stream(main)     # the copies start after the kernels that produce the inputs
         with torch.cuda.stream(self._copy_stream):
-            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             host = tuple(self._pinned(f"in{i}", t).copy_(t, non_blocking=True) for i, t in enumerate(tensors))
         self._copy_stream.synchronize()
         return host

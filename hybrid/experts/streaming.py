@@ -221,7 +221,8 @@ class TorchStreamDevice:
         with torch.cuda.stream(self.copy_stream):
             if after is not None:
                 self.copy_stream.wait_event(after)      # the buffer's previous user has finished
-            self.buffers[buffer] = {e: tuple(t.pin_memory().to(self.device, non_blocking=True)
+            self.buffers[buffer] = {e: tuple(t if t.device == self.device      # a hot expert: already there
+                                             else t.pin_memory().to(self.device, non_blocking=True)
                                              for t in self.fetch(e)) for e in experts}
             done = torch.cuda.Event()
             done.record(self.copy_stream)

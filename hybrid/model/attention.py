@@ -93,6 +93,7 @@ class Step:
     decode_slots: torch.Tensor     # [B] their cache rows
     decode_positions: torch.Tensor  # [B] the position each writes in the cache (start)
     decode_lengths: torch.Tensor   # [B] their cache lengths after this step (start + 1)
+    decode_max_len: int = 0        # the longest of them (the decode kernel's split, without a device sync)
 
     @staticmethod
     def build(slots: list[int], starts: list[int], lengths: list[int], device="cpu") -> "Step":
@@ -108,7 +109,8 @@ class Step:
         one = [i for i, n in enumerate(lengths) if n == 1]
         as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
         return Step(slots, starts, lengths, positions, masks, as_tensor(rows), as_tensor([slots[i] for i in one]),
-                    as_tensor([starts[i] for i in one]), as_tensor([starts[i] + 1 for i in one]))
+                    as_tensor([starts[i] for i in one]), as_tensor([starts[i] + 1 for i in one]),
+                    max((starts[i] + 1 for i in one), default=0))
 
     @staticmethod
     def single(n_tokens: int, start: int = 0, slot: int = 0, device="cpu") -> "Step":
@@ -181,7 +183,8 @@ class MLAttention(nn.Module):
         if batched_decode:
             rows = step.decode_rows
             cache.write_rows(self.layer_idx, step.decode_slots, step.decode_positions, c_kv[rows], k_pe[rows])
-            o[rows] = self._decode(q_nope[rows], q_pe[rows], cache, step.decode_slots, step.decode_lengths)
+            o[rows] = self._decode(q_nope[rows], q_pe[rows], cache, step.decode_slots, step.decode_lengths,
+                                   step.decode_max_len)
         return self.o_proj(o.reshape(T, self.h * self.vd))
 
     def _w_uk_uv(self):
@@ -189,14 +192,14 @@ class MLAttention(nn.Module):
         split = self.h * self.nope
         return w[:split].view(self.h, self.nope, self.r), w[split:].view(self.h, self.vd, self.r)
 
-    def _decode(self, q_nope, q_pe, cache, slots, lengths):
+    def _decode(self, q_nope, q_pe, cache, slots, lengths, max_len=None):
         """B one-token sequences in the absorbed form, one call over the latent cache
         (gpu_kernels.mla_decode: Triton on CUDA, its torch reference elsewhere)."""
         w_uk, w_uv = self._w_uk_uv()
         # batched matmuls over the heads read the contiguous W_UK / W_UV in place
         q_lat = torch.matmul(q_nope.transpose(0, 1), w_uk).transpose(0, 1)       # [B, H, R]
         o_lat = mla_decode(q_lat, q_pe, cache.ckv[self.layer_idx], cache.kpe[self.layer_idx], slots, lengths,
-                           self.scale, triton=self.triton)
+                           self.scale, max_len, triton=self.triton)
         o = torch.matmul(w_uv, o_lat.to(q_nope.dtype).permute(1, 2, 0))        # [H, V, B]
         return o.permute(2, 0, 1)                                                  # [B, H, V]
 
