@@ -105,6 +105,29 @@ def test_hot_experts_give_the_same_tokens_ref(profiled_dir):
     assert plain.generate([PROMPT], GREEDY)[0].token_ids == hot.generate([PROMPT], GREEDY)[0].token_ids
 
 
+def score_checking_hot(llm, prompt):
+    """llm.score(prompt), checking that the prompt routes to hot experts and that a hot assignment reaches
+    the CPU backend only as a zero-weight stand-in (a spy on every layer's backend)."""
+    seen = []
+    for off in offloads(llm):
+        def spy(x, ids, w, _off=off, _real=off.backend.forward):
+            seen.append((_off, ids.clone(), w.clone()))
+            return _real(x, ids, w)
+        off.backend.forward = spy
+    counter = RoutingCounter(llm.model)
+    try:
+        logits = llm.score(prompt)
+    finally:
+        counter.remove()
+    used_hot = sum(int(counter.counts[off.layer][e]) for off in offloads(llm) for e in off.hot)
+    assert used_hot > 0, "the prompt routes to no hot expert: the check would be empty"
+    assert len(seen) == len(offloads(llm))
+    for off, ids, w in seen:
+        if off.is_hot is not None:
+            assert (w[off.is_hot[ids]] == 0).all(), f"layer {off.layer}: a hot expert ran on the CPU"
+    return logits
+
+
 def test_hot_experts_default_backend(profiled_dir):
     """The default backend: hot assignments reach the CPU kernels only with weight 0, the hot experts
     are used by the prompt, and the logits stay within numba's bound of the run without them."""
@@ -112,23 +135,7 @@ def test_hot_experts_default_backend(profiled_dir):
     hot = LLM(profiled_dir, progress=False, gpu_experts=N_HOT)
     assert hot.expert_backend == plain.expert_backend != "torch"
     _check_hot_layers(hot, "cpu")
-    seen = []
-    for off in offloads(hot):
-        def spy(x, ids, w, _off=off, _real=off.backend.forward):
-            seen.append((_off, ids.clone(), w.clone()))
-            return _real(x, ids, w)
-        off.backend.forward = spy
-    counter = RoutingCounter(hot.model)
-    try:
-        b = hot.score(PROMPT)
-    finally:
-        counter.remove()
-    used_hot = sum(int(counter.counts[off.layer][e]) for off in offloads(hot) for e in off.hot)
-    assert used_hot > 0, "the prompt routes to no hot expert: the check below would be empty"
-    assert len(seen) == len(offloads(hot))
-    for off, ids, w in seen:
-        if off.is_hot is not None:
-            assert (w[off.is_hot[ids]] == 0).all(), f"layer {off.layer}: a hot expert ran on the CPU"
+    b = score_checking_hot(hot, PROMPT)
     assert rel_err(plain.score(PROMPT), b) <= LOGIT_TOL_INT8
 
 

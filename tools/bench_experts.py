@@ -176,7 +176,7 @@ def bench_kt(threads, decode_experts, prefill_experts, quick=False, say=print, m
     res["kt_decode_gbs"] = dec
     say(f"\nkt-kernel ({_rawint4_class(_ext()).__name__}): decode {dec:.2f} GB/s "
         f"({time.perf_counter() - t0:.0f} s; {note})")
-    del ex
+    ex = None                  # free the decode experts before the prefill set is made
     ex = make_kt_experts(prefill_experts, threads)
     g, note = measured("kt_prefill_512", threads, lambda: bench_prefill(ex, 512, False, reps=1))
     res["kt_prefill_512_gflops"] = g
@@ -235,7 +235,7 @@ def main(argv=None):
     res["decode_gbs"] = dec[N]
     res["decode_ratio"] = dec[N] / bw[N]
     res["decode_gbs_by_threads"] = dec
-    del ex
+    ex = None                  # free the decode experts before the prefill set is made
 
     e_pre = args.prefill_experts or (64 if args.quick else 384)
     fit = int(0.6 * _mem_available() // expert_bytes())
@@ -254,7 +254,7 @@ def main(argv=None):
             res[name + "_ratio"] = g / res["fma_peak_gflops"]
             say(f"  T={T:5d} {'skewed ' if skew else 'uniform'}: {g:7.1f} GFLOP/s  "
                 f"ratio to fp32 peak {g / res['fma_peak_gflops']:.2f}  ({note})")
-    del ex
+    ex = None                  # free the decode experts before the prefill set is made
     res["prefill_experts"] = e_pre
 
     if kt_available():

@@ -105,7 +105,7 @@ def gpu_weights_report(fmt: str, model_dir: str | None) -> None:
 def backend_report(backend: str) -> None:
     sys.path[:0] = [p for p in (ROOT, os.path.join(ROOT, "tests")) if p not in sys.path]
     from conftest import VARIANTS
-    from hf_reference import build_hf_model, freeze_routing, hf_logits, hf_routes
+    from hf_reference import build_hf_model, freeze_routing, hf_routes
     from hybrid import LLM
     from hybrid.formats import dequantize_int4, quantize_int4
     from hybrid.synthetic import write_checkpoint

@@ -3,8 +3,6 @@ routed experts in RAM (and on the accelerator when hot). Printed by LLM at load 
 Checked by tests/test_engine.py."""
 from __future__ import annotations
 
-import torch
-
 
 def _category(name: str) -> str:
     if name.startswith("model.embed_tokens"):
