@@ -2,7 +2,7 @@
 
     plan = make_plan(config, gpu_mem_bytes=24 * GIB, ram_bytes=512 * GIB, context=65536,
                      gpu_weights="int8", hw=Hardware.from_dict(json.load(open("hw.json"))))
-    print(format_plan(plan))     # `hybrid plan MODEL_DIR ...` is cli_plan(argv)
+    print(format_plan(plan))     # `hybrid plan MODEL_DIR ...` is hybrid.apps.cli.cli_plan(argv)
 
 GPU: the accelerator-side weights (MLA, dense layers, shared experts, lm_head in bf16 or 8 bits per
 hybrid/model/int8_linear.py, kv_b_proj kept bf16; router fp32; norms and embeddings bf16), hot experts kept on the GPU in INT4,
@@ -14,14 +14,12 @@ If it does not fit, `advice` lists what would, with the numbers. Tests: tests/te
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from hybrid.config import ModelConfig, load_config
+from hybrid.config import ModelConfig
 from hybrid.experts.backends import BACKENDS, expert_nbytes
 from hybrid.formats import INT4_GROUP, int4_expert_nbytes
 from hybrid.experts.streaming import LayerShape, Rates, expected_experts_hit, layer_costs, threshold_tokens
@@ -228,6 +226,7 @@ def make_plan(config: ModelConfig, *, gpu_mem_bytes: int, ram_bytes: int, contex
         raise ValueError(f"context {context} exceeds max_position_embeddings ({config.max_position_embeddings})")
     if expert_backend not in BACKENDS and expert_backend != "auto":
         raise ValueError(f"expert_backend {expert_backend!r} unknown; choose one of auto, {', '.join(BACKENDS)}")
+    expert_backend = "numba" if expert_backend == "auto" else expert_backend   # auto: an INT4 backend (numba | kt)
     L = _layout(config, gpu_mem_bytes, context, batch, gpu_weights, gpu_experts, expert_backend)
     device_side = L["gpu_weights_bytes"] + L["kv_cache_bytes"] + L["stream_buffer_bytes"] + L["gpu_reserve_bytes"]
     gpu_total = device_side if L["on_gpu"] else 0
@@ -416,31 +415,3 @@ def check_before_load(config: ModelConfig, **kwargs) -> Plan:
     if not plan.fits:
         raise PlanError(format_plan(plan))
     return plan
-
-
-def cli_plan(argv: list[str] | None = None) -> int:
-    """`hybrid plan MODEL_DIR [...]`: prints the plan (or --json); returns 0 if it fits, 1 if not."""
-    ap = argparse.ArgumentParser(prog="hybrid plan", description="memory plan and tok/s prediction for a checkpoint "
-                                 "(a directory holding config.json is enough)")
-    ap.add_argument("model_dir")
-    ap.add_argument("--gpu-mem", help="GPU memory, e.g. 24GB (default: this machine's; 0 = no GPU)")
-    ap.add_argument("--ram", help="RAM, e.g. 512GB (default: this machine's)")
-    ap.add_argument("--context", type=int, default=65536, help="tokens of KV cache per sequence (default 65536)")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--gpu-weights", choices=GPU_FORMATS, default="bf16")
-    ap.add_argument("--gpu-experts", type=int, default=0, help="routed experts kept on the GPU (INT4)")
-    ap.add_argument("--hw", help="JSON file of measured rates: " + ", ".join(Hardware.KEYS))
-    ap.add_argument("--prefill-tokens", type=int, help="prompt length for the prefill prediction "
-                    "(default min(context, 8192))")
-    ap.add_argument("--json", action="store_true", help="print one JSON object")
-    args = ap.parse_args(argv)
-    config = load_config(args.model_dir)
-    mem = machine_memory() if args.gpu_mem is None or args.ram is None else {}
-    gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem is not None else mem["gpu_mem_bytes"]
-    ram = parse_size(args.ram) if args.ram is not None else mem["ram_bytes"]
-    hw = Hardware.from_dict(json.loads(Path(args.hw).read_text())) if args.hw else None
-    plan = make_plan(config, gpu_mem_bytes=gpu_mem, ram_bytes=ram, context=args.context, batch=args.batch,
-                     gpu_weights=args.gpu_weights, gpu_experts=args.gpu_experts, hw=hw,
-                     prefill_tokens=args.prefill_tokens)
-    print(json.dumps(plan_to_json(plan)) if args.json else format_plan(plan))
-    return 0 if plan.fits else 1

@@ -263,3 +263,24 @@ def test_layers_build_no_step_tensors(llm, monkeypatch):
     assert calls == [], f"tensors built inside the forward: {calls}"
     while eng.has_unfinished():
         eng.step()
+
+
+NUMBA_INT8_TOL = 4e-2    # relative logit error of int8 activations (tests/test_model.py measured 1.8e-2)
+
+
+def test_default_backend_generates_what_its_own_recompute_predicts(tiny_dir):
+    """The backend a user gets (auto -> numba, int8 activations) through generate: batched prompts of
+    different lengths, the latent cache and absorbed decode. Every greedy token must be (within int8's
+    bound) the best token of a fresh full forward over prompt + the tokens before it, without the cache."""
+    llm = LLM(tiny_dir, progress=False, max_batch=4, max_context=512)
+    assert llm.expert_backend in ("numba", "kt"), llm.expert_backend
+    prompts = [_prompt(n, seed=200 + n) for n in (1, 9, 40)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=10, **GREEDY))
+    for p, o in zip(prompts, outs):
+        assert o.finish_reason == "length" and len(o.token_ids) == 10
+        full = llm.score(p + o.token_ids[:-1])[len(p) - 1:]           # row i predicts token i
+        for i, tok in enumerate(o.token_ids):
+            row = full[i]
+            gap = (row.max() - row[tok]).item()
+            assert gap <= NUMBA_INT8_TOL * row.abs().max().item(), \
+                f"prompt of {len(p)}: token {i} is {gap:.3g} below the recompute's best"

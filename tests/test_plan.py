@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from hybrid.config import load_config
-from hybrid.plan import (GIB, Hardware, cli_plan, expert_bytes, format_plan, kv_cache_bytes, machine_memory,
+from hybrid.apps.cli import cli_plan
+from hybrid.plan import (GIB, Hardware, expert_bytes, format_plan, kv_cache_bytes, machine_memory,
                          make_plan, parse_size, plan_to_json)
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -14,6 +14,7 @@ Model options shared by chat / serve / batch / demo: --device, --expert-backend,
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import runpy
 import sys
@@ -106,13 +107,36 @@ def load_llm(args, progress: bool = True):
                progress=progress)
 
 
-def _run_plan(argv: list[str]) -> int:
-    try:
-        from hybrid.plan import cli_plan
-    except ImportError as e:
-        print(f"hybrid plan is not available in this build ({e}); it lives in hybrid/plan.py", file=sys.stderr)
-        return 2
-    return cli_plan(argv) or 0
+def cli_plan(argv: list[str] | None = None) -> int:
+    """`hybrid plan MODEL_DIR [...]`: prints the plan (or --json); returns 0 if it fits, 1 if not."""
+    from hybrid import plan
+    from hybrid.config import load_config
+    ap = argparse.ArgumentParser(prog="hybrid plan", description="memory plan and tok/s prediction for a checkpoint "
+                                 "(a directory holding config.json is enough)")
+    ap.add_argument("model_dir")
+    ap.add_argument("--gpu-mem", help="GPU memory, e.g. 24GB (default: this machine's; 0 = no GPU)")
+    ap.add_argument("--ram", help="RAM, e.g. 512GB (default: this machine's)")
+    ap.add_argument("--context", type=int, default=65536, help="tokens of KV cache per sequence (default 65536)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--gpu-weights", choices=plan.GPU_FORMATS, default="bf16")
+    ap.add_argument("--gpu-experts", type=int, default=0, help="routed experts kept on the GPU (INT4)")
+    ap.add_argument("--expert-backend", default="auto", help="the RAM an expert takes depends on it: "
+                    "auto, numba, kt (INT4) or torch, ref (dequantized, 8x)")
+    ap.add_argument("--hw", help="JSON file of measured rates: " + ", ".join(plan.Hardware.KEYS))
+    ap.add_argument("--prefill-tokens", type=int, help="prompt length for the prefill prediction "
+                    "(default min(context, 8192))")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+    config = load_config(args.model_dir)
+    mem = plan.machine_memory() if args.gpu_mem is None or args.ram is None else {}
+    gpu_mem = plan.parse_size(args.gpu_mem) if args.gpu_mem is not None else mem["gpu_mem_bytes"]
+    ram = plan.parse_size(args.ram) if args.ram is not None else mem["ram_bytes"]
+    hw = plan.Hardware.from_dict(json.loads(Path(args.hw).read_text())) if args.hw else None
+    p = plan.make_plan(config, gpu_mem_bytes=gpu_mem, ram_bytes=ram, context=args.context, batch=args.batch,
+                     gpu_weights=args.gpu_weights, gpu_experts=args.gpu_experts, hw=hw,
+                     prefill_tokens=args.prefill_tokens, expert_backend=args.expert_backend)
+    print(json.dumps(plan.plan_to_json(p)) if args.json else plan.format_plan(p))
+    return 0 if p.fits else 1
 
 
 def _run_bench(argv: list[str]) -> int:
@@ -137,8 +161,8 @@ def _run_bench(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "plan":                # its own options, parsed by hybrid/plan.py
-        return _run_plan(argv[1:])
+    if argv and argv[0] == "plan":                # its own options (cli_plan above)
+        return cli_plan(argv[1:])
     if argv and argv[0] == "bench":
         return _run_bench(argv[1:])
     if argv and argv[0] == "profile":             # its own options, parsed by hybrid/apps/profile.py

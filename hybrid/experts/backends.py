@@ -18,6 +18,7 @@ Checked by tests/test_model.py (every backend against transformers) and tests/te
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -72,6 +73,7 @@ class RefExperts(TorchExperts):
                                              self.w_up.numpy(), self.w_down.numpy()))
 
 
+@functools.cache
 def _numba_class():
     from cpu_kernels import ACT_FORMATS, CPUExperts
 
