@@ -15,11 +15,13 @@ the same bf16 roundings of the dequantized weights and of P) in fp32. Tests: tes
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
 
+@functools.cache
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -39,21 +41,15 @@ def interpreting() -> bool:
     return _INTERPRET
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when the Triton kernel should run for these tensors (all on CUDA, or the interpreter is on)."""
-    if not triton_available():
-        return False
-    if interpreting():
-        return all(t.device.type == "cpu" for t in tensors)
-    return all(t.is_cuda for t in tensors)
-
-
 def use_triton_on(device: torch.device | str) -> bool:
-    """The same choice for a device, made once (e.g. by the model loader): Triton for CUDA tensors, or for
-    CPU tensors under the interpreter."""
-    if not triton_available():
-        return False
-    return torch.device(device).type == ("cpu" if interpreting() else "cuda")
+    """True when Triton kernels run on tensors of this device: CUDA, or the CPU under the interpreter.
+    The model loader asks once per device; the wrappers below ask per call (use_triton)."""
+    return triton_available() and torch.device(device).type == ("cpu" if interpreting() else "cuda")
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the Triton kernel should run for these tensors (all on a device where it runs)."""
+    return all(use_triton_on(t.device) for t in tensors)
 
 
 from .int4_matmul import int4_matmul, int4_matmul_ref, int4_matmul_triton  # noqa: E402

@@ -28,8 +28,6 @@ import torch.nn.functional as F
 from hybrid.config import ModelConfig
 from hybrid.formats import dequantize_int4, int4_expert_nbytes, quantize_int4, unpack_int4_u
 
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
 
 class TorchExperts:
     """Dequantized weights exactly as compressed-tensors gives them (bf16-rounded), torch matmuls."""
@@ -215,7 +213,7 @@ def load_layer_experts(ckpt, layer: int, backend: str, num_threads: int | None =
     from / written to the repacked-expert disk cache (hybrid/experts/disk_cache.py)."""
     if cache_dir is not None:
         from hybrid.experts import disk_cache
-        cached = disk_cache.load_layer(cache_dir, ckpt, layer, backend_class("numba"), num_threads,
+        cached = disk_cache.load_layer(cache_dir, ckpt, layer, backend_class(backend), num_threads,
                                        act_format or "int8")
         if cached is not None:
             return cached

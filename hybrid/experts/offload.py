@@ -84,10 +84,6 @@ class ExpertOffload:
         self.is_hot = torch.zeros(num_experts, dtype=torch.bool)
         self.is_hot[list(hot)] = True
 
-    @property
-    def nbytes_accel(self) -> int:
-        return sum(t.numel() * t.element_size() for ws in self.hot.values() for t in ws)
-
     # ---- the hand-off -------------------------------------------------------------------------
     def submit(self, x, topk_ids, topk_weights) -> None:
         if self._future is not None:        # a step that failed between submit and wait: drop its result

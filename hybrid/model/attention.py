@@ -13,6 +13,7 @@ T tokens (all sequences of a step packed together), H heads, R kv_lora_rank, P r
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -105,10 +106,11 @@ class Step:
                 masks.append(torch.arange(s + n, device=device)[None, :] > q_pos)
             else:
                 masks.append(None)
-        rows = [sum(lengths[:i]) for i, n in enumerate(lengths) if n == 1]
+        offsets = list(itertools.accumulate(lengths, initial=0))           # first row of each sequence
         one = [i for i, n in enumerate(lengths) if n == 1]
         as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
-        return Step(slots, starts, lengths, positions, masks, as_tensor(rows), as_tensor([slots[i] for i in one]),
+        return Step(slots, starts, lengths, positions, masks, as_tensor([offsets[i] for i in one]),
+                    as_tensor([slots[i] for i in one]),
                     as_tensor([starts[i] for i in one]), as_tensor([starts[i] + 1 for i in one]),
                     max((starts[i] + 1 for i in one), default=0))
 

@@ -1,5 +1,5 @@
 """What a loaded model holds where, in bytes: accelerator-side weights by kind, the latent KV cache, the
-routed experts in RAM (and on the accelerator when hot). Printed by LLM at load and by `hybrid demo`.
+routed experts in RAM. Printed by LLM at load and by `hybrid demo`.
 Checked by tests/test_engine.py."""
 from __future__ import annotations
 
