@@ -18,13 +18,16 @@ setup(
         "numpy>=1.26",
         "numba>=0.60",
         "safetensors>=0.4",
-        "jinja2>=3.1",
+        "jinja2>=3.1.6",                  # CVE-2025-27516 (sandbox escape) fixed in 3.1.6
         "regex>=2023.0",
         "tqdm>=4.60",
         "rich>=13.0",
         "fastapi>=0.110",
         "uvicorn>=0.29",
         "pydantic>=2.0",
+        "prometheus_client>=0.20",
+        "Pillow>=10.0",
+        "prompt_toolkit>=3.0",
     ],
     extras_require={
         "test": [
@@ -34,9 +37,12 @@ setup(
             "tiktoken>=0.7",
             "openai>=1.40",
             "httpx>=0.27",
+            "pexpect>=4.8",
+            "selenium>=4.10",             # the chat page test drives Debian's chromium (.ci/run installs it)
             "triton>=3.0; platform_system == 'Linux'",   # GPU kernels, tested on the CPU (TRITON_INTERPRET=1)
         ],
         "triton": ["triton>=3.0"],
     },
+    package_data={"hybrid.apps": ["chat_page.html"]},
     entry_points={"console_scripts": ["hybrid=hybrid.apps.cli:main"]},
 )

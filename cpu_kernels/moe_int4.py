@@ -25,7 +25,10 @@ Work split (all cores, ``prange``, GIL released):
 Decode (T=1) and prefill share these kernels; the caller (``experts.py``) sorts the (token, k)
 slots by expert and orders the items. The IR loop prefetches PREFETCH bytes ahead in the weight
 stream (the hardware prefetchers alone leave ~15% of the bandwidth unused on one thread).
-On CPUs without AVX2 the IR uses generic vector operations instead.
+Instruction set (isa.py, picked at import, HYBRID_CPU_ISA forces one): with AVX512-VNNI or AVX-VNNI
+the maddubs/add/pmaddwd chain of a group is one ``vpdpbusd`` per product (u8 x s8 summed in 4s into
+the s32 lane of each row, exactly the same sums); on CPUs without AVX2 the IR uses generic vector
+operations instead.
 Checked by tests/test_cpu_kernels.py; speed by tools/bench_experts.py.
 """
 import numpy as np
@@ -33,7 +36,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 from llvmlite import ir
-import llvmlite.binding as llvm
+
+from .isa import FORCED, ISA
 
 GROUP = 32
 TILE = 8              # rows per tile = fp32 lanes of one AVX2 register
@@ -43,7 +47,9 @@ ROWS_PER_ITEM = 32    # output rows per `down` work item (prefill)
 # one thread streaming 400 MB: 0 -> 0.83, 4096 -> 0.92, 8192 -> 0.97 of the read bandwidth.
 # A constant on purpose: numba's cache does not see environment variables.
 PREFETCH = 8192
-HAS_AVX2 = bool(llvm.get_host_cpu_features().get("avx2", False))
+HAS_AVX2 = ISA != "generic"
+VNNI = ISA in ("avx512vnni", "avxvnni")
+_CACHE = not FORCED       # a forced ISA is compiled fresh: numba's cache does not see HYBRID_CPU_ISA
 
 _i8, _i16, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _v32i8 = ir.VectorType(_i8, 32)
@@ -92,6 +98,13 @@ def _pairsum_i32(builder, a):
                                            "llvm.x86.avx2.pmadd.wd")
         return builder.call(f, [a, _splat(_v16i16, 1)])
     return _even_odd_add(builder, builder.sext(a, _v16i32), _v8i32)
+
+
+def _dpbusd(builder, acc, u, x):
+    """acc s32 [8] + sums of 4 adjacent u8 x s8 products (vpdpbusd, 256-bit; VEX with AVX-VNNI)."""
+    f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_v8i32, [_v8i32] * 3),
+                                       "llvm.x86.avx512.vpdpbusd.256")
+    return builder.call(f, [acc, builder.bitcast(u, _v8i32), builder.bitcast(x, _v8i32)])
 
 
 def _make_dot_tile(nt):
@@ -149,13 +162,17 @@ def _make_dot_tile(nt):
             new = []
             for t in range(nt):
                 acc16 = None
+                acc32 = _splat(_v8i32, 0)
                 for j in range(4):
                     for half, u in ((0, lo[j]), (1, hi[j])):
                         xi = _gep_load(builder, xps[t], builder.add(xofs, ir.Constant(_i64, 16 * half + 4 * j)), _i32)
                         xv = builder.bitcast(_bcast(builder, xi, _v8i32), _v32i8)
+                        if VNNI:
+                            acc32 = _dpbusd(builder, acc32, u, xv)
+                            continue
                         p = _maddubs(builder, u, xv)
                         acc16 = p if acc16 is None else builder.add(acc16, p)
-                f = builder.sitofp(_pairsum_i32(builder, acc16), _v8f32)
+                f = builder.sitofp(acc32 if VNNI else _pairsum_i32(builder, acc16), _v8f32)
                 sx = _bcast(builder, _gep_load(builder, aps[t], aofs, _f32), _v8f32)
                 cg = _bcast(builder, _gep_load(builder, aps[t], builder.add(cofs, aofs), _f32), _v8f32)
                 new.append(builder.call(fma, [sw, builder.call(fma, [f, sx, cg]), accs[t]]))
@@ -182,7 +199,7 @@ _dot2 = _make_dot_tile(2)
 _dot4 = _make_dot_tile(4)
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=_CACHE, inline="always")
 def _quantize_group(src, i, c0, xq, xi, asc, g, G, split):
     """int8 absmax quantization of src[i, c0:c0+32] into row xi of xq (group g) and asc.
 
@@ -216,7 +233,7 @@ def _quantize_group(src, i, c0, xq, xi, asc, g, G, split):
         asc[xi + 1, G + g] = np.float32(-8.0) * sx2 * np.float32(xs2)
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(parallel=True, nogil=True, cache=_CACHE)
 def quantize_rows(x, xq, asc, split):
     """x float32 [n, K] -> xq int8 [split*n, K], asc float32 [split*n, 2G] (see _quantize_group)."""
     G = x.shape[1] // 32
@@ -225,7 +242,7 @@ def quantize_rows(x, xq, asc, split):
             _quantize_group(x, i, 32 * g, xq, split * i, asc, g, G, split)
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=_CACHE, inline="always")
 def _dots(wp, G, nt, xb, xs, ab, as_, toks, s, ob):
     """fp32 at address ob [nt, 8] = the tile of 8 rows at wp . rows toks[s:s+nt] of the
     activations at xb (int8, xs bytes per row) / ab (fp32 sx, c; as_ bytes per row)."""
@@ -240,7 +257,7 @@ def _dots(wp, G, nt, xb, xs, ab, as_, toks, s, ob):
         _dot1(wp, G, x0, x0, x0, x0, a0, a0, a0, a0, ob)
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(parallel=True, nogil=True, cache=_CACHE)
 def gate_up(wg, wu, xq, xasc, xrow, split, estart, item_e, item_r0, rows_per_item, hq, hasc):
     """Stage 1: h = silu(gate x) * up x for every slot, quantized to int8 into (hq, hasc).
 
@@ -285,7 +302,7 @@ def gate_up(wg, wu, xq, xasc, xrow, split, estart, item_e, item_r0, rows_per_ite
                 _quantize_group(h, j, GROUP * q, hq, split * (s0 + j), hasc, r0 // GROUP + q, GI, split)
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(parallel=True, nogil=True, cache=_CACHE)
 def down(wd, hq, hasc, slot_tok, slot_w, act_e, estart, y):
     """Stage 2: y[t, r] += w_slot * (down_e . h_slot) for the 32 rows r each item owns.
 
@@ -320,7 +337,7 @@ def down(wd, hq, hasc, slot_tok, slot_w, act_e, estart, y):
                 s += nt
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(parallel=True, nogil=True, cache=_CACHE)
 def down_slots(wd, hq, hasc, estart, item_e, item_r0, rows_per_item, out):
     """Stage 2 for few slots (decode): out[s, r] = down_e . h_s, items = (expert, rows).
 
@@ -351,7 +368,7 @@ def down_slots(wd, hq, hasc, estart, item_e, item_r0, rows_per_item, out):
             s += nt
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=_CACHE)
 def combine_slots(out, slot_tok, slot_w, y):
     """y[slot_tok[s]] += slot_w[s] * out[s] (after down_slots; a few slots, calling thread)."""
     for s in range(out.shape[0]):
@@ -361,7 +378,7 @@ def combine_slots(out, slot_tok, slot_w, y):
             y[t, r] += w * out[s, r]
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=_CACHE)
 def quantize_rows_serial(x, xq, asc, split):
     """quantize_rows on the calling thread (a few tokens: cheaper than waking the pool)."""
     G = x.shape[1] // 32

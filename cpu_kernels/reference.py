@@ -36,3 +36,18 @@ def moe_int4_ref(x, topk_ids, topk_weights, w_gate, w_up, w_down) -> np.ndarray:
         h = silu(xe @ _np32(w_gate[e]).T) * (xe @ _np32(w_up[e]).T)  # [n, I]
         np.add.at(y, t, wts[t, k, None] * (h @ _np32(w_down[e]).T))
     return y
+
+
+def linear_ref(x, w, scale=None) -> np.ndarray:
+    """Dense Linear y = x . W^T in float64, rounded to fp32: W given as bf16 bit patterns (uint16), as
+    int8 with a per-row scale (W = w * scale[:, None]), or as floats. The yardstick for
+    cpu_kernels/dense.py (tests/test_cpu_dense.py)."""
+    x = np.asarray(x, dtype=np.float64)
+    w = np.asarray(w)
+    if w.dtype == np.uint16:
+        wf = (w.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    else:
+        wf = w.astype(np.float64)
+    if scale is not None:
+        wf = wf * np.asarray(scale, dtype=np.float64)[:, None]
+    return (x @ wf.T).astype(np.float32)

@@ -1,6 +1,8 @@
 """Chat on top of the engine: messages -> the checkpoint's own template (hybrid/text/chat_template.py) -> generation
 -> reasoning / content / tool calls (hybrid/text/output_parser.py). Used by LLM.chat / LLM.chat_stream, the
-terminal chat and the server. Checked by tests/test_engine.py::test_chat_*.
+terminal chat and the server. Image parts (K2.5/K2.6): `chat_inputs` gives the prompt ids with each image's
+placeholder expanded and one engine MediaSpan per image (hybrid/media/). Checked by tests/test_engine.py::test_chat_*
+and tests/test_vision_model.py.
 """
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from hybrid.engine import MediaSpan
+from hybrid.media import MediaError, NoVisionTower, expand_placeholders, split_media
+from hybrid.media.prompt import check_count
 from hybrid.text.chat_template import encode_chat
 from hybrid.text.output_parser import Delta, ParsedMessage, StreamParser, accumulate
 from hybrid.sampling import SamplingParams
@@ -46,6 +51,40 @@ class ChatResult:
 
 def chat_prompt_ids(llm, messages, tools=None, thinking: bool = True, preserve_thinking: bool = False,
                     **template_kwargs) -> list[int]:
+    _, sources = split_media(messages)        # refuses video parts
+    if sources:
+        where = sources[0][0]
+        if getattr(llm, "images", None) is None:
+            raise no_vision(llm, where)
+        raise MediaError(where, "a prompt with images needs LLM.chat_inputs (prompt ids + the images' MediaSpans); "
+                                "prompt ids alone would drop the image")
+    return _template_ids(llm, messages, tools, thinking, preserve_thinking, **template_kwargs)
+
+
+def no_vision(llm, where: str) -> NoVisionTower:
+    return NoVisionTower(where, f"this model ({llm.config.model_type}, {llm.model_dir.name}) has no vision tower; "
+                                "it cannot take images (K2.5/K2.6 checkpoints can)")
+
+
+def chat_inputs(llm, messages, tools=None, thinking: bool = True, preserve_thinking: bool = False,
+                **template_kwargs) -> tuple[list[int], list[MediaSpan]]:
+    """(prompt ids, media): the images' placeholders expanded to their merged-patch counts, and one MediaSpan
+    (start row, projected embeddings on the engine device, content key) per image, in prompt order."""
+    stubbed, sources = split_media(messages)
+    if not sources:
+        return _template_ids(llm, messages, tools, thinking, preserve_thinking, **template_kwargs), []
+    if getattr(llm, "images", None) is None:
+        raise no_vision(llm, sources[0][0])
+    check_count(len(sources), llm.images.limits.max_images)
+    processed = llm.images.process(sources)
+    ids = _template_ids(llm, stubbed, tools, thinking, preserve_thinking, **template_kwargs)
+    ids, starts = expand_placeholders(ids, llm.media_pad_id, [p.n_tokens for p in processed], where="messages")
+    embeds = llm.images.encode(processed)
+    return ids, [MediaSpan(s, e, p.key) for s, e, p in zip(starts, embeds, processed)]
+
+
+def _template_ids(llm, messages, tools=None, thinking: bool = True, preserve_thinking: bool = False,
+                  **template_kwargs) -> list[int]:
     if llm.tokenizer is None:
         raise ValueError(f"{llm.model_dir} has no tokenizer files; chat needs tiktoken.model")
     if getattr(llm, "_chat_template", None) is None:
@@ -62,12 +101,12 @@ def _usage(prompt: list[int], cached: int, completion: int) -> dict:
 def chat_stream(llm, messages, sampling=None, tools=None, thinking: bool = True, preserve_thinking: bool = False,
                 **template_kwargs) -> Iterator[Delta | ChatResult]:
     """Yield parsing Deltas (reasoning / content / tool_call) as they come, then one final ChatResult."""
-    prompt = chat_prompt_ids(llm, messages, tools, thinking, preserve_thinking, **template_kwargs)
+    prompt, media = chat_inputs(llm, messages, tools, thinking, preserve_thinking, **template_kwargs)
     parser = StreamParser(thinking=thinking)
     deltas: list[Delta] = []
     token_ids: list[int] = []
     last = None
-    for out in llm.stream(prompt, chat_sampling(sampling)):
+    for out in llm.stream(prompt, chat_sampling(sampling), media=media or None):
         last = out
         token_ids += out.token_ids
         for d in parser.feed(out.text):

@@ -9,12 +9,20 @@
 * Linear weights come in three formats, detected per module: dense bf16/fp16/fp32 `.weight`,
   compressed-tensors INT4 (`weight_packed` / `weight_scale` / `weight_shape`), and FP8 blocks
   (`.weight` float8_e4m3fn + `.weight_scale_inv`).
-Every problem is a CheckpointError naming the file and the tensor. Checked by
-tests/test_checkpoint.py (one test per kind of bad input).
+Every problem is a CheckpointError naming the file and the tensor. Untrusted input is confined: the
+index's shard names must be plain file names in the model folder (no `..`, no absolute path, no
+sub-folder); every shard must be a regular file (a directory, FIFO or device is named as such, and never
+opened); header offsets must be integers, inside the data section and not overlapping; floating-point
+tensors read for the model (tensor / linear / vector) are checked for NaN/Inf, naming the tensor
+(`check_finite`; the routed experts' INT4 scales read by `int4` are not: those are the CPU side).
+Checked by tests/test_checkpoint.py (one test per kind of bad input).
 """
 from __future__ import annotations
 
 import json
+import math
+import os
+import stat
 import struct
 import warnings
 from pathlib import Path
@@ -52,14 +60,82 @@ class CheckpointError(ValueError):
     """A checkpoint file or tensor is missing, malformed, or not what the config says."""
 
 
+FINITE_CHUNK = 1 << 24              # elements checked at once (bounds the temporary bool tensor)
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """CheckpointError naming `name` if a floating-point `tensor` holds NaN or +-Inf (any device;
+    checked in chunks, so a 1 G-element embedding needs no 1 GB temporary). Integer tensors pass."""
+    if not tensor.is_floating_point():
+        return
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), FINITE_CHUNK):       # (an empty tensor: no chunk)
+        chunk = flat[start:start + FINITE_CHUNK]
+        if chunk.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            chunk = chunk.float()
+        lo, hi = chunk.aminmax()        # NaN propagates; ~20x faster than isfinite().all() on CPU bf16
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            ok = torch.isfinite(chunk)
+            bad = (~ok).nonzero()
+            first = start + int(bad[0])
+            value = float(chunk[int(bad[0])])
+            n = int(bad.numel()) + sum(int((~torch.isfinite(flat[s:s + FINITE_CHUNK].float())).sum())
+                                       for s in range(start + FINITE_CHUNK, flat.numel(), FINITE_CHUNK))
+            raise CheckpointError(f"{name}: {n} non-finite value(s) (NaN/Inf), the first {value} at flat index "
+                                  f"{first} of shape {list(tensor.shape)}: the checkpoint is corrupt "
+                                  "(re-download this shard)")
+
+
+def file_kind(path: Path) -> str | None:
+    """None for a regular file (or a link to one); otherwise what `path` is, in words."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"a broken symbolic link (to {os.readlink(path)})"
+        return "missing"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    if os.path.islink(path):
+        kind += f" (a link to {os.readlink(path)})"
+    return kind
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _shard_name(index: Path, fname, users: list[str]) -> str:
+    """A weight_map value must be a plain file name in the model folder: no path, no '..'."""
+    where = f"{index}: weight_map entry '{users[0]}'"
+    if not isinstance(fname, str) or not fname:
+        raise CheckpointError(f"{where} must name a shard file (a non-empty string), got {json.dumps(fname)[:80]}")
+    if os.path.isabs(fname) or fname.startswith(("/", "\\")) or (fname[1:2] == ":" and fname[0].isalpha()):
+        raise CheckpointError(f"{where} points to the absolute path {fname!r}: shards must be files "
+                              "inside the model folder")
+    parts = fname.replace("\\", "/").split("/")
+    if ".." in parts:
+        raise CheckpointError(f"{where} points outside the model folder ({fname!r})")
+    if len(parts) > 1 or fname in (".",):
+        raise CheckpointError(f"{where} names {fname!r}: shards must be plain file names in the model folder")
+    return fname
+
+
 class _Shard:
     """One .safetensors file: its parsed header and a lazily created read-only memory map."""
 
     def __init__(self, path: Path):
         self.path = path
         self._mmap = None
-        if not path.is_file():
-            raise CheckpointError(f"{path}: shard file not found")
+        kind = file_kind(path)
+        if kind is not None:
+            raise CheckpointError(f"{path}: shard file " + ("not found" if kind == "missing" else
+                                                          f"is {kind}, not a regular file"))
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
@@ -72,7 +148,7 @@ class _Shard:
             raw = f.read(n)
         try:
             header = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:        # bad JSON or UTF-8, too deep, a huge number
             raise CheckpointError(f"{path}: corrupt shard header (not JSON: {e})") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{path}: corrupt shard header (not a JSON object)")
@@ -80,14 +156,21 @@ class _Shard:
         self.data_start = 8 + n
         data_len = size - self.data_start
         self.entries = {}
+        spans = []
         for name, e in header.items():
             try:
                 dtype, shape, (begin, end) = e["dtype"], list(e["shape"]), e["data_offsets"]
             except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path}: tensor '{name}': malformed header entry {e!r}") from None
-            if dtype not in DTYPES:
-                raise CheckpointError(f"{path}: tensor '{name}': unsupported dtype {dtype}")
-            want = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype][0]).itemsize
+                raise CheckpointError(f"{path}: tensor '{name}': malformed header entry {str(e)[:200]}") from None
+            if not isinstance(dtype, str) or dtype not in DTYPES:
+                raise CheckpointError(f"{path}: tensor '{name}': unsupported dtype {str(dtype)[:40]}")
+            if not all(_is_int(d) and d >= 0 for d in shape):
+                raise CheckpointError(f"{path}: tensor '{name}': shape {str(shape)[:80]} is not a list of "
+                                      "non-negative integers")
+            if not (_is_int(begin) and _is_int(end)):
+                raise CheckpointError(f"{path}: tensor '{name}': data_offsets {str(e['data_offsets'])[:80]} "
+                                      "are not two integers")
+            want = math.prod(shape) * np.dtype(DTYPES[dtype][0]).itemsize
             if end - begin != want or begin < 0:
                 raise CheckpointError(f"{path}: tensor '{name}': data_offsets {begin}..{end} do not hold "
                                       f"{dtype}{shape} ({want} bytes)")
@@ -95,6 +178,14 @@ class _Shard:
                 raise CheckpointError(f"{path}: truncated shard: tensor '{name}' ends at byte {end} of the "
                                       f"data section but the file holds only {data_len} (re-download the shard)")
             self.entries[name] = (dtype, shape, begin)
+            if end > begin:
+                spans.append((begin, end, name))
+        spans.sort()
+        for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+            if begin_b < end_a:
+                raise CheckpointError(f"{path}: tensors '{a}' and '{b}' overlap in the data section "
+                                      f"('{b}' starts at byte {begin_b}, before '{a}' ends at {end_a}): "
+                                      "corrupt header")
 
     def read(self, name: str) -> torch.Tensor:
         dtype, shape, begin = self.entries[name]
@@ -118,20 +209,32 @@ class Checkpoint:
         self.dir = Path(model_dir)
         self.config = config
         index = self.dir / INDEX_FILE
-        if index.is_file():
+        if os.path.lexists(index):
+            kind = file_kind(index)
+            if kind is not None:
+                raise CheckpointError(f"{index}: is {kind}, not a regular file")
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object): {e}") from None
+                weight_map = json.loads(index.read_bytes())["weight_map"]
+            except (ValueError, KeyError, TypeError, RecursionError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object): "
+                                      f"{type(e).__name__}: {str(e)[:200]}") from None
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files")
-            files = sorted(set(weight_map.values()))
+            users: dict = {}
+            for k, v in weight_map.items():
+                users.setdefault(v if isinstance(v, str) else json.dumps(v), []).append(k)
+            for key, names in users.items():
+                _shard_name(index, weight_map[names[0]], names)
+            files = sorted(users)
             for fname in files:
-                if not (self.dir / fname).is_file():
-                    users = [k for k, v in weight_map.items() if v == fname]
-                    raise CheckpointError(f"{index}: names shard '{fname}' (holding e.g. '{users[0]}'), "
+                kind = file_kind(self.dir / fname)
+                if kind == "missing":
+                    raise CheckpointError(f"{index}: names shard '{fname}' (holding e.g. '{users[fname][0]}'), "
                                           f"which is missing from {self.dir}")
-        elif (self.dir / SINGLE_FILE).is_file():
+                if kind is not None:
+                    raise CheckpointError(f"{index}: names shard '{fname}' (holding e.g. '{users[fname][0]}'), "
+                                          f"which is {kind}, not a regular file")
+        elif os.path.lexists(self.dir / SINGLE_FILE):
             weight_map, files = None, [SINGLE_FILE]
         else:
             raise CheckpointError(f"{self.dir}: no {INDEX_FILE} or {SINGLE_FILE}")
@@ -177,8 +280,10 @@ class Checkpoint:
             raise KeyError(f"{self.dir}: no tensor {name!r}")
         return self._where[name][0].path
 
-    def tensor(self, name: str, shape: tuple | None = None, dtypes: tuple | None = None) -> torch.Tensor:
-        """The stored tensor (memory-mapped, read-only), checked against `shape` and `dtypes`."""
+    def tensor(self, name: str, shape: tuple | None = None, dtypes: tuple | None = None,
+               finite: bool = True) -> torch.Tensor:
+        """The stored tensor (memory-mapped, read-only), checked against `shape` and `dtypes`, and
+        (finite=True, floating point) for NaN/Inf."""
         if name not in self._where:
             raise CheckpointError(f"{self.dir}: tensor '{self.config.weight_prefix}{name}' not found in the "
                                   f"checkpoint (index or shards); is this the right model for its config.json?")
@@ -190,7 +295,10 @@ class Checkpoint:
         if dtypes is not None and DTYPES[dtype][1] not in dtypes:
             allowed = ", ".join(TORCH_TO_ST[d] for d in dtypes)
             raise CheckpointError(f"{shard.path}: tensor '{full}' has dtype {dtype}, expected {allowed}")
-        return shard.read(full)
+        t = shard.read(full)
+        if finite and dtype not in ("F8_E4M3", "F8_E5M2"):       # FP8 is checked after dequantization
+            check_finite(f"{shard.path}: tensor '{full}'", t)
+        return t
 
     # ---- Linear weights in any of the three formats ---------------------------------------
     def weight_format(self, module: str) -> str:
@@ -221,7 +329,7 @@ class Checkpoint:
         packed = self.tensor(f"{module}.weight_packed", shape=(out_features, -(-in_features // 8)),
                              dtypes=(torch.int32,))
         scale = self.tensor(f"{module}.weight_scale", shape=(out_features, -(-in_features // g)),
-                            dtypes=(torch.bfloat16, torch.float16, torch.float32))
+                            dtypes=(torch.bfloat16, torch.float16, torch.float32), finite=False)
         return packed, scale
 
     def linear(self, module: str, out_features: int, in_features: int,
@@ -230,14 +338,19 @@ class Checkpoint:
         fmt = self.weight_format(module)
         if fmt == "int4":
             packed, scale = self.int4(module, out_features, in_features)
-            return dequantize_int4(packed, scale, in_features, self.config.quantization.group_size).to(dtype)
+            w = dequantize_int4(packed, scale, in_features, self.config.quantization.group_size).to(dtype)
+            check_finite(f"{self.file_of(module + '.weight_scale')}: tensor '{module}.weight_scale' "
+                         "(dequantized weight)", w)
+            return w
         if fmt == "fp8":
             bn, bk = self.config.quantization.block_size
             w = self.tensor(f"{module}.weight", shape=(out_features, in_features),
                             dtypes=(torch.float8_e4m3fn,))
             s = self.tensor(f"{module}.weight_scale_inv", shape=(-(-out_features // bn), -(-in_features // bk)),
                             dtypes=(torch.float32, torch.bfloat16))
-            return dequantize_fp8_block(w, s, (bn, bk), dtype=torch.bfloat16).to(dtype)
+            w = dequantize_fp8_block(w, s, (bn, bk), dtype=torch.bfloat16).to(dtype)
+            check_finite(f"{self.file_of(module + '.weight')}: tensor '{module}.weight' (FP8, dequantized)", w)
+            return w
         w = self.tensor(f"{module}.weight", shape=(out_features, in_features),
                         dtypes=(torch.bfloat16, torch.float16, torch.float32))
         return w.to(dtype)

@@ -51,6 +51,56 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class VisionConfig:
+    """K2.5/K2.6 `vision_config` (MoonViT tower + patch-merger projector), read from the real keys
+    (vt_hidden_size, vt_num_hidden_layers, init_pos_emb_height, ...; transformers' Kimi_K25VisionConfig
+    names -- hidden_size, num_hidden_layers, pos_emb_height -- are accepted too). docs/kimi_k2.md §6."""
+    patch_size: int = 14
+    hidden_size: int = 1152
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    intermediate_size: int = 4304
+    pos_emb_height: int = 64
+    pos_emb_width: int = 64
+    pos_emb_time: int = 4
+    merge_kernel_size: tuple = (2, 2)
+    mm_hidden_size: int = 1152          # projector pre_norm width (= hidden_size)
+    text_hidden_size: int = 7168
+    projector_ln_eps: float = 1e-5
+    rope_theta: float = 10000.0         # MoonViT's 2D rope base (transformers' default rope_parameters)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def merge_area(self) -> int:
+        return self.merge_kernel_size[0] * self.merge_kernel_size[1]
+
+    def weight_count(self) -> int:
+        """Parameters of tower + projector (all bf16 in the checkpoint: bytes = 2 x this)."""
+        d, i, p, m = self.hidden_size, self.intermediate_size, self.patch_size, self.mm_hidden_size * self.merge_area
+        per_layer = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (i * d + i) + (d * i + d)
+        tower = 3 * p * p * d + d + self.pos_emb_height * self.pos_emb_width * d + self.num_hidden_layers * per_layer + 2 * d
+        projector = 2 * self.mm_hidden_size + m * m + m + self.text_hidden_size * m + self.text_hidden_size
+        return tower + projector
+
+    def flops(self, grid_h: int, grid_w: int) -> float:
+        """Multiply-adds x 2 of one image of grid_h x grid_w patches through tower + projector (the plan's cost
+        figure; norms, rope and softmax left out). 448x448 px (32x32 patches) ~0.9 TFLOP at K2.6's sizes."""
+        n, d, i, p = grid_h * grid_w, self.hidden_size, self.intermediate_size, self.patch_size
+        m, k = n // self.merge_area, self.mm_hidden_size * self.merge_area
+        layer = 2 * n * (4 * d * d + 2 * d * i) + 4 * n * n * d       # qkv + wo + MLP, then QK^T and PV
+        return 2 * n * 3 * p * p * d + self.num_hidden_layers * layer + 2 * m * (k * k + k * self.text_hidden_size)
+
+    def activation_bytes(self, n_patches: int, bytes_per_value: int = 2) -> int:
+        """Peak transient memory of one tower call over n_patches (fused attention, no N^2 scores kept):
+        residual + normed input + qkv + MLP hidden, with a 2x margin for temporaries."""
+        d, i = self.hidden_size, self.intermediate_size
+        return 2 * n_patches * (5 * d + i) * bytes_per_value
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     model_type: str                 # kimi_k25 | kimi_k2 | deepseek_v3 (of the file's top level)
     hidden_size: int
@@ -87,6 +137,8 @@ class ModelConfig:
     quantization: Quantization = field(default_factory=Quantization)
     weight_prefix: str = ""         # "language_model." for the multimodal wrapper
     source: str = ""                # the config.json path, for messages
+    vision: VisionConfig | None = None          # K2.5/K2.6: the vision tower's config; None: text-only
+    media_placeholder_token_id: int | None = None   # <|media_pad|> (K2.5/K2.6 config.json)
 
     # ---- derived numbers -------------------------------------------------------------
     @property
@@ -240,6 +292,51 @@ def _parse_quant(qc: dict | None, source: str) -> Quantization:
                       "supported: compressed-tensors (pack-quantized INT4), fp8")
 
 
+def _parse_vision(raw: dict, source: str, text_hidden: int) -> VisionConfig | None:
+    vc = raw.get("vision_config")
+    if not isinstance(vc, dict):
+        return None
+    where = f"{source} (vision_config)"
+
+    def v(keys, default, types=(int,)):
+        for k in keys:
+            if vc.get(k) is not None:
+                val = vc[k]
+                if not isinstance(val, types) or isinstance(val, bool):
+                    raise ConfigError(f"{where}: field '{k}' is {val!r}, expected {types[0].__name__}")
+                return val
+        return default
+    mk = vc.get("merge_kernel_size", [2, 2])
+    if not (isinstance(mk, (list, tuple)) and len(mk) == 2 and all(isinstance(x, int) and x > 0 for x in mk)):
+        raise ConfigError(f"{where}: field 'merge_kernel_size' is {mk!r}, expected [kh, kw]")
+    for key, allowed in (("mm_projector_type", ("patchmerger",)), ("merge_type", ("sd2_tpool",)),
+                         ("pos_emb_type", ("divided_fixed",))):
+        if vc.get(key) is not None and vc[key] not in allowed:
+            raise ConfigError(f"{where}: field '{key}' is {vc[key]!r}; supported: {', '.join(allowed)}")
+    hidden = v(("vt_hidden_size", "hidden_size"), 1152)
+    rope = vc.get("rope_parameters") or {}
+    cfg = VisionConfig(
+        patch_size=v(("patch_size",), 14), hidden_size=hidden,
+        num_hidden_layers=v(("vt_num_hidden_layers", "num_hidden_layers"), 27),
+        num_attention_heads=v(("vt_num_attention_heads", "num_attention_heads"), 16),
+        intermediate_size=v(("vt_intermediate_size", "intermediate_size"), 4304),
+        pos_emb_height=v(("init_pos_emb_height", "pos_emb_height"), 64),
+        pos_emb_width=v(("init_pos_emb_width", "pos_emb_width"), 64),
+        pos_emb_time=v(("init_pos_emb_time", "pos_emb_time"), 4),
+        merge_kernel_size=tuple(mk), mm_hidden_size=v(("mm_hidden_size",), hidden),
+        text_hidden_size=v(("text_hidden_size",), text_hidden),
+        projector_ln_eps=float(v(("projector_ln_eps",), raw.get("projection_layer_norm_eps", 1e-5), (int, float))),
+        rope_theta=float(rope.get("rope_theta", 10000.0)))
+    if cfg.hidden_size % cfg.num_attention_heads or cfg.head_dim % 4:
+        raise ConfigError(f"{where}: vt_hidden_size / vt_num_attention_heads must be a multiple of 4 (2D rope)")
+    if cfg.text_hidden_size != text_hidden:
+        raise ConfigError(f"{where}: field 'text_hidden_size' is {cfg.text_hidden_size}, the language model's "
+                          f"hidden_size is {text_hidden}")
+    if cfg.mm_hidden_size != cfg.hidden_size:
+        raise ConfigError(f"{where}: field 'mm_hidden_size' ({cfg.mm_hidden_size}) must equal vt_hidden_size")
+    return cfg
+
+
 def config_from_dict(raw: dict, source: str = "config.json", generation_config: dict | None = None) -> ModelConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: top level must be a JSON object")
@@ -308,6 +405,9 @@ def config_from_dict(raw: dict, source: str = "config.json", generation_config: 
         quantization=_parse_quant(qc, source),
         weight_prefix=prefix,
         source=source,
+        vision=_parse_vision(raw, source, g("hidden_size", types=int)) if prefix else None,
+        media_placeholder_token_id=raw.get("media_placeholder_token_id", raw.get("image_token_id")) if prefix
+        else None,
     )
 
 

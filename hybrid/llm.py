@@ -1,6 +1,7 @@
 """LLM: the object a user holds. Loads a checkpoint (config, expert backend choice, memory plan, reader,
-model, the expert worker, tokenizer) and offers score / generate / stream / chat on top of the engine
-(hybrid/engine.py). Checked by tests/test_model.py, tests/test_engine.py.
+model, the expert worker, tokenizer, and for K2.5/K2.6 the vision tower) and offers score / generate / stream /
+chat on top of the engine (hybrid/engine.py). Checked by tests/test_model.py, tests/test_engine.py,
+tests/test_vision_model.py (images).
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ class LLM:
                  max_batch: int = 16,
                  max_context: int = 4096, max_prefill_tokens: int = 2048, gpu_weights: str = "bf16",
                  gpu_experts: int = 0, expert_streaming: str = "off", expert_rates=None,
-                 expert_cache: bool | str | Path = False, check_memory: bool = True, progress: bool = True):
+                 expert_cache: bool | str | Path = False, check_memory: bool = True, progress: bool = True,
+                 image_limits=None):
         """Load MODEL_DIR. Options beyond the obvious ones:
         expert_act_format: activations of the CPU expert kernels (numba: "int8", the default, or
             "int8x2": ~200x smaller error for about half the prefill speed).
@@ -64,7 +66,9 @@ class LLM:
         expert_cache: True keeps the repacked experts in MODEL_DIR/.hybrid-cache (a folder path:
             there), memory-mapped at the next start instead of repacked.
         check_memory: compare the memory plan with this machine before reading any weight, and
-            stop with the numbers and advice if it cannot fit."""
+            stop with the numbers and advice if it cannot fit.
+        image_limits: hybrid.media.ImageLimits (bytes, pixels, images per request, remote fetching: off by
+            default, download timeout, base folder of relative paths) for checkpoints with a vision tower."""
         self.model_dir = Path(model_dir)
         self.config = load_config(self.model_dir)
         self.device = resolve_device(device)
@@ -88,10 +92,8 @@ class LLM:
                               batch=max_batch, gpu_weights=gpu_weights, gpu_experts=gpu_experts,
                               expert_backend=self.expert_backend)
         self.checkpoint = Checkpoint(self.model_dir, self.config)
-        self.tokenizer = None
-        if (self.model_dir / "tiktoken.model").is_file():
-            from hybrid.text.tokenizer import Tokenizer
-            self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
+        from hybrid.text.tokenizer import load_tokenizer
+        self.tokenizer = load_tokenizer(self.model_dir)   # None: no tokenizer files (token ids only); bad files: error now
         cache_dir = None
         if expert_cache:
             cache_dir = self.model_dir / ".hybrid-cache" if expert_cache is True else Path(expert_cache)
@@ -110,6 +112,20 @@ class LLM:
             from hybrid.experts.profile import attach_accelerator_experts
             attach_accelerator_experts(self.model, self.checkpoint, self.device, self.model_dir, gpu_experts,
                                        expert_streaming, expert_rates)
+        self.vision, self.images = None, None       # K2.5/K2.6: MoonViT tower + projector, image encoder
+        from hybrid.model.vision import has_vision_weights
+        if self.config.vision is not None and has_vision_weights(self.model_dir):
+            from hybrid.media import ImageLimits
+            from hybrid.media.encode import ImageEncoder
+            from hybrid.model.vision import load_vision
+            self.vision = load_vision(self.model_dir, self.config.vision, self.device, self.dtype)
+            self.images = ImageEncoder(self.vision, self.device, self.dtype, image_limits or ImageLimits())
+        elif self.config.vision is not None:
+            log.warning("%s: config.json has a vision_config but no vision_tower.* tensors; images are refused",
+                        self.model_dir)
+        self.media_pad_id = self.config.media_placeholder_token_id
+        if self.media_pad_id is None and self.tokenizer is not None:
+            self.media_pad_id = getattr(self.tokenizer, "media_pad_id", None)
         self.engine = Engine(self.model, self.config, self.tokenizer, self.device, self.dtype, max_batch,
                              max_context, max_prefill_tokens)
         if progress:
@@ -132,10 +148,33 @@ class LLM:
                              f"({self.config.max_position_embeddings})")
         return torch.tensor(ids, dtype=torch.long, device=self.device)
 
-    def score(self, token_ids: list[int]) -> torch.Tensor:
-        """float32 logits [len(token_ids), vocab_size]: row t predicts token t+1 (no cache involved)."""
-        ids = self._check_ids(token_ids)
-        return self.model(ids, Step.single(len(ids), device=self.device)).cpu()
+    def score(self, token_ids: list[int], images=None) -> torch.Tensor:
+        """float32 logits [len(ids), vocab_size]: row t predicts token t+1 (no cache involved).
+        images: one per `<|media_pad|>` in token_ids (data URL, path, bytes, PIL image), in order; each pad is
+        expanded to the image's merged-patch count, and the logits cover the EXPANDED sequence."""
+        if not images:
+            ids = self._check_ids(token_ids)
+            return self.model(ids, Step.single(len(ids), device=self.device)).cpu()
+        ids, media = self.expand_images(list(token_ids), images)
+        t = self._check_ids(ids)
+        rows = torch.cat([torch.arange(m.start, m.start + m.embeds.shape[0]) for m in media]).to(self.device)
+        values = torch.cat([m.embeds for m in media])
+        return self.model(t, Step.single(len(t), device=self.device), embeds=(rows, values)).cpu()
+
+    def expand_images(self, token_ids: list[int], images, where: str = "images") -> tuple[list[int], list]:
+        """(token ids with each <|media_pad|> expanded, [MediaSpan]) for `images` (one per pad, in order)."""
+        from hybrid.engine import MediaSpan
+        from hybrid.media import NoVisionTower, expand_placeholders
+        from hybrid.media.prompt import check_count
+        images = list(images)
+        if self.images is None:
+            raise NoVisionTower(where, f"this model ({self.config.model_type}, {self.model_dir.name}) has no vision "
+                                       "tower; it cannot take images")
+        check_count(len(images), self.images.limits.max_images, where)
+        processed = self.images.process([(f"{where}[{k}]", im) for k, im in enumerate(images)])
+        ids, starts = expand_placeholders(token_ids, self.media_pad_id, [p.n_tokens for p in processed], where)
+        embeds = self.images.encode(processed)
+        return ids, [MediaSpan(s, e, p.key) for s, e, p in zip(starts, embeds, processed)]
 
     # ---- generation -------------------------------------------------------------------
     def _prompt_ids(self, prompt) -> list[int]:
@@ -166,10 +205,14 @@ class LLM:
                     r.metrics = delta.metrics or r.metrics
         return [results[r] for r in rids]
 
-    def stream(self, prompt, sampling: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream(self, prompt, sampling: SamplingParams | None = None, media=None) -> Iterator[RequestOutput]:
         """Yield increments (new token ids and text) for one prompt until it finishes.
+        media: [hybrid.engine.MediaSpan] (from chat_inputs / expand_images) for prompts with images.
         Closing the iterator early aborts the request."""
-        rid = self.engine.add_request(self._prompt_ids(prompt), sampling or SamplingParams())
+        if media:
+            rid = self.engine.add_request(self._prompt_ids(prompt), sampling or SamplingParams(), media=media)
+        else:
+            rid = self.engine.add_request(self._prompt_ids(prompt), sampling or SamplingParams())
         done = False
         try:
             while not done:
@@ -189,6 +232,14 @@ class LLM:
         """The prompt token ids the checkpoint's chat template gives for these messages."""
         from hybrid.chat import chat_prompt_ids
         return chat_prompt_ids(self, messages, tools, thinking, preserve_thinking, **template_kwargs)
+
+    def chat_inputs(self, messages, tools=None, thinking: bool = True, preserve_thinking: bool = False,
+                    **template_kwargs):
+        """(prompt_ids, media) for messages that may hold image parts: what the server / batch pass to
+        engine.add_request(prompt_ids, params, media=media). Errors (bad or too many images, video parts,
+        images to a text-only model) are hybrid.media.MediaError (ValueError) naming messages[i].content[j]."""
+        from hybrid.chat import chat_inputs
+        return chat_inputs(self, messages, tools, thinking, preserve_thinking, **template_kwargs)
 
     def chat(self, messages, sampling: SamplingParams | None = None, tools=None, thinking: bool = True,
              preserve_thinking: bool = False, **template_kwargs):

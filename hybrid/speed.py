@@ -1,16 +1,49 @@
-"""Speed prediction for the memory plan (hybrid/plan.py): the machine's measured rates (`Hardware`)
+"""Speed prediction for the memory plan (hybrid/plan): the machine's measured rates (`Hardware`)
 and `predict`, which fills a Plan's predicted prefill/decode tok/s from them.
-Checked by tests/test_plan.py.
+
+On a CPU-only machine the accelerator side's Linears are read from RAM every decode step; how fast
+depends on the path (torch's float32 or bf16 matmul, or hybrid/model/cpu_linear.py's Numba kernels
+with bf16 / int8 weights) and on the batch. `Hardware.dense_gbs` holds those rates as measured by
+tools/bench_experts.py --dense (GB/s of weight bytes per path and rows), and `predict(..., dtype=,
+cpu_weights=)` uses them. Checked by tests/test_plan.py and tests/test_speed.py; compared with
+measurements by tools/bench_generate.py --hw.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hybrid.config import ModelConfig
 from hybrid.experts.streaming import LayerShape, Rates, expected_experts_hit, layer_costs, threshold_tokens
 
 TRANSFER_LATENCY_S = 10e-6        # per host<->device copy + sync in a decode step
 INT4_GPU_EFFICIENCY = 0.5         # W4A16 kernels reach about half the dense bf16 peak
+# bytes per weight of the accelerator-side Linears on the CPU, by path (dense_path)
+PATH_BYTES = {"torch_float32": 4, "torch_bfloat16": 2, "torch_float16": 2, "numba_bf16": 2, "numba_int8": 1}
+
+
+def dense_path(dtype: str | None, cpu_weights: str | None) -> str | None:
+    """The CPU path of the accelerator-side Linears: numba_bf16 / numba_int8 (CPULinear), else torch_<dtype>."""
+    if cpu_weights in ("bf16", "int8"):
+        return f"numba_{cpu_weights}"
+    if dtype:
+        return "torch_" + str(dtype).replace("torch.", "")
+    return None
+
+
+def interpolate_rate(rates: dict, batch: int) -> float:
+    """GB/s at `batch` rows from {rows: GB/s} measured at a few row counts: time per byte is linear in the
+    rows between two measured points (a matrix-vector product turns compute-bound as rows grow), and
+    held at the nearest measured point outside them."""
+    pts = sorted((int(b), float(g)) for b, g in rates.items() if float(g) > 0)
+    if not pts:
+        raise ValueError("no measured rates")
+    if batch <= pts[0][0]:
+        return pts[0][1]
+    for (b0, g0), (b1, g1) in zip(pts, pts[1:]):
+        if batch <= b1:
+            f = (batch - b0) / (b1 - b0)
+            return 1.0 / ((1 - f) / g0 + f / g1)
+    return pts[-1][1]
 
 
 @dataclass(frozen=True)
@@ -22,6 +55,10 @@ class Hardware:
     cpu_kernel_efficiency: float      # INT4 decode kernel GB/s over ram_bandwidth_gbs (0..1]
     cpu_gflops: float                 # INT4 expert kernel GFLOP/s at prefill sizes
     gpu_tflops: float                 # dense bf16 TFLOP/s, 0 without a GPU
+    # CPU-only accelerator side (optional; tools/bench_experts.py --dense): {path: {rows: GB/s of weights}}
+    # for the paths of dense_path, and {dtype: GFLOP/s} of torch's matmul at prefill sizes
+    dense_gbs: dict = field(default_factory=dict, compare=False, hash=False)
+    matmul_gflops: dict = field(default_factory=dict, compare=False, hash=False)
 
     KEYS = ("ram_bandwidth_gbs", "pcie_gbs", "gpu_bandwidth_gbs", "cpu_kernel_efficiency", "cpu_gflops",
             "gpu_tflops")
@@ -39,7 +76,11 @@ class Hardware:
         missing = [k for k in cls.KEYS if d.get(k) is None]
         if missing:
             raise ValueError(f"hardware figures missing: {', '.join(missing)} (needed: {', '.join(cls.KEYS)})")
-        hw = cls(**{k: float(d[k]) for k in cls.KEYS})
+        dense = {p: {int(b): float(g) for b, g in r.items()} for p, r in (d.get("dense_gbs") or {}).items()}
+        mm = {k: float(v) for k, v in (d.get("matmul_gflops") or {}).items()}
+        if "float32" not in mm and d.get("fma_peak_gflops"):
+            mm["float32"] = float(d["fma_peak_gflops"])
+        hw = cls(**{k: float(d[k]) for k in cls.KEYS}, dense_gbs=dense, matmul_gflops=mm)
         if not 0 < hw.cpu_kernel_efficiency <= 1:
             raise ValueError(f"cpu_kernel_efficiency must be in (0, 1], got {hw.cpu_kernel_efficiency}")
         if hw.ram_bandwidth_gbs <= 0 or hw.cpu_gflops <= 0:
@@ -56,8 +97,11 @@ class Hardware:
 
 
 
+_LINEAR_PARTS = ("attention", "kv_b_proj", "dense_mlp", "shared_experts", "lm_head")
+
+
 def predict(config: ModelConfig, plan, hw: Hardware, prefill_tokens: int, *, expert_bytes: int, params: int,
-            kv_bytes: int) -> None:
+            kv_bytes: float, dtype: str | None = None, cpu_weights: str | None = None) -> None:
     """Fill the plan's predictions (expert_bytes: one routed expert; params: accelerator-side linear
     weights; kv_bytes: bytes per cached latent value). The model, per decode step of a batch of B sequences:
         cpu  = distinct routed-expert bytes on the CPU / (ram_bw * cpu_kernel_efficiency)
@@ -67,10 +111,15 @@ def predict(config: ModelConfig, plan, hw: Hardware, prefill_tokens: int, *, exp
                half the context) / gpu_bw      (on a CPU-only machine: / ram_bw)
         xfer = MoE layers * (2 * 10 us + B * D * 6 bytes / pcie)   (hidden to the CPU, result back)
         decode tok/s = B / (cpu + gpu + xfer)   (no overlap assumed: the shared expert is short)
+    On a CPU-only machine with `dtype` ("float32" | "bfloat16") or `cpu_weights` ("bf16" | "int8":
+    CPULinear) given and hw.dense_gbs measured for that path, the Linears take
+        params * bytes per weight of the path / dense_gbs[path] at B rows (interpolate_rate)
+    instead of the plan's bytes / ram_bw (the old model, kept when neither is given).
     Prefill of one prompt of T tokens: per MoE layer min(cpu(T), stream(T)) from
     hybrid/experts/streaming.py, plus the accelerator side at 2 flop per weight per token and
     the causal attention (T^2/2 * H * (d_qk + d_v) * 2 flop per layer) at gpu_tflops
-    (cpu_gflops on a CPU-only machine); prefill tok/s = T / total."""
+    (on a CPU-only machine: torch's matmul GFLOP/s for `dtype` where measured, else cpu_gflops);
+    prefill tok/s = T / total."""
     c = config
     gpu = plan.on_gpu and hw.has_gpu
     eb = expert_bytes
@@ -82,8 +131,15 @@ def predict(config: ModelConfig, plan, hw: Hardware, prefill_tokens: int, *, exp
     t_cpu = cpu_bytes / (hw.ram_bandwidth_gbs * hw.cpu_kernel_efficiency * 1e9)
     dense = sum(v for p, v in plan.parts.items() if p != "embed_tokens")
     kv_read = B * c.num_hidden_layers * (plan.context / 2) * (c.kv_lora_rank + c.qk_rope_head_dim) * kv_bytes
-    gpu_bytes = dense + n_moe * hit * eb * frac_gpu + kv_read
-    t_gpu = gpu_bytes / ((hw.gpu_bandwidth_gbs if gpu else hw.ram_bandwidth_gbs) * 1e9)
+    path = None if gpu else dense_path(dtype, cpu_weights)
+    if path in hw.dense_gbs and path in PATH_BYTES:
+        linear_bytes = params * PATH_BYTES[path]
+        other = dense - sum(v for p, v in plan.parts.items() if p in _LINEAR_PARTS)   # router, norms
+        t_gpu = linear_bytes / (interpolate_rate(hw.dense_gbs[path], B) * 1e9) \
+            + (other + kv_read) / (hw.ram_bandwidth_gbs * 1e9)
+    else:
+        gpu_bytes = dense + n_moe * hit * eb * frac_gpu + kv_read
+        t_gpu = gpu_bytes / ((hw.gpu_bandwidth_gbs if gpu else hw.ram_bandwidth_gbs) * 1e9)
     t_xfer = n_moe * (2 * TRANSFER_LATENCY_S + B * D * 6 / (hw.pcie_gbs * 1e9)) if gpu else 0.0
     plan.predicted_decode_tok_s = B / (t_cpu + t_gpu + t_xfer)
 
@@ -99,11 +155,12 @@ def predict(config: ModelConfig, plan, hw: Hardware, prefill_tokens: int, *, exp
 
     attn_flops = c.num_hidden_layers * (T * T / 2) * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * 2
     flops = 2 * params * T + attn_flops
-    t_dense = flops / ((hw.gpu_tflops * 1e12) if gpu else (hw.cpu_gflops * 1e9))
+    cpu_mm = hw.matmul_gflops.get(str(dtype).replace("torch.", "")) if dtype else None
+    t_dense = flops / ((hw.gpu_tflops * 1e12) if gpu else ((cpu_mm or hw.cpu_gflops) * 1e9))
     plan.predicted_prefill_tok_s = T / (t_exp + t_dense)
     plan.prediction = {
         "decode_step_ms": {"cpu_experts": t_cpu * 1e3, "accelerator": t_gpu * 1e3, "transfers": t_xfer * 1e3},
-        "decode_expert_bytes_per_token": cpu_bytes / B,
+        "decode_expert_bytes_per_token": cpu_bytes / B, "accelerator_path": path or ("gpu" if gpu else "ram"),
         "prefill_tokens": T, "prefill_s": {"experts": t_exp, "accelerator": t_dense},
         "prefill_experts_streamed": streamed,
         "stream_threshold_tokens": threshold_tokens(rates, shape) if (gpu and n_moe) else None,

@@ -51,7 +51,7 @@ def test_reads_lazily_from_a_memory_map(tmp_path):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     ck = Checkpoint(d, config)
     assert torch.equal(ck.tensor("small", shape=(16,)), small)
-    huge = ck.tensor("huge")
+    huge = ck.tensor("huge", finite=False)          # the NaN/Inf check would read it all
     assert huge.shape == (3 * 2**29,) and huge[-1].item() == 0.0     # touches one page
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mb < 200, f"reading two tensors grew the process by {grown_mb:.0f} MB"
@@ -178,3 +178,124 @@ def test_bf16_layout_reads_as_unquantized(tmp_path):
     with pytest.raises(KeyError, match="weight_packed"):
         ck.file_of("model.layers.1.mlp.experts.0.gate_proj.weight_packed")
     assert ck.file_of("model.layers.1.mlp.experts.0.gate_proj.weight").is_file()
+
+
+# ---- hostile checkpoints: paths outside the folder, bad offsets, non-regular files, NaN weights --------
+ATTN = "model.layers.0.self_attn.q_a_proj.weight"
+
+
+def _set_index_entry(d, name, value):
+    index = d / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["language_model." + name] = value
+    index.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("value,words", [("../outside.safetensors", "outside the model folder"),
+                                          ("/etc/hostname", "absolute path"),
+                                          ("sub/model-00001-of-00003.safetensors", "plain file names"),
+                                          (5, "non-empty string"), ("", "non-empty string")])
+def test_index_paths_are_confined_to_the_model_folder(ckpt_copy, value, words):
+    (ckpt_copy.parent / "outside.safetensors").write_bytes((ckpt_copy / "model-00001-of-00003.safetensors")
+                                                           .read_bytes())
+    _set_index_entry(ckpt_copy, NORM, value)
+    with pytest.raises(CheckpointError, match=words) as e:
+        Checkpoint(ckpt_copy, load_config(ckpt_copy))
+    assert NORM in str(e.value) and "model.safetensors.index.json" in str(e.value)
+
+
+def _edit_header(path, edit):
+    """Rewrite a shard's JSON header through `edit(header)`, keeping the data section as it is."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+
+
+@pytest.mark.parametrize("offsets,words", [(["0", "512"], "not two integers"), ([0.0, 512.0], "not two integers"),
+                                           ([False, True], "not two integers"), ([0], "malformed header"),
+                                           ("overlap", "overlap")])
+def test_tensor_offsets_must_be_integers_in_bounds_and_disjoint(ckpt_copy, offsets, words):
+    path = _shard_of(ckpt_copy, NORM)
+
+    def edit(header):
+        entry = header["language_model." + NORM]
+        if offsets == "overlap":       # same size, starting half-way into another tensor of the shard
+            other = next(v for k, v in header.items() if k != "__metadata__" and k != "language_model." + NORM
+                         and v["data_offsets"][1] - v["data_offsets"][0] >= 2 * (entry["data_offsets"][1] -
+                                                                                entry["data_offsets"][0]))
+            size = entry["data_offsets"][1] - entry["data_offsets"][0]
+            start = other["data_offsets"][0] + size // 2
+            entry["data_offsets"] = [start, start + size]
+        else:
+            entry["data_offsets"] = offsets
+    _edit_header(path, edit)
+    with pytest.raises(CheckpointError, match=words) as e:
+        Checkpoint(ckpt_copy, load_config(ckpt_copy))
+    assert path.name in str(e.value)
+
+
+def test_huge_shape_does_not_wrap_around(ckpt_copy):
+    """int64 products wrap: 2**32 * 2**32 * 2 bytes must not be read as 0 bytes."""
+    path = _shard_of(ckpt_copy, NORM)
+    _edit_header(path, lambda h: h["language_model." + NORM].update(shape=[2**32, 2**32],
+                                                                    data_offsets=[0, 0]))
+    with pytest.raises(CheckpointError, match="do not hold"):
+        Checkpoint(ckpt_copy, load_config(ckpt_copy))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "devzero", "directory", "dangling"])
+def test_non_regular_shards_are_named_as_such(ckpt_copy, kind):
+    import os
+    path = _shard_of(ckpt_copy, NORM)
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)                 # opening it would block forever: it must never be opened
+    elif kind == "devzero":
+        path.symlink_to("/dev/zero")
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.symlink_to(ckpt_copy / "gone.safetensors")
+    words = {"fifo": "FIFO", "devzero": "character device", "directory": "directory",
+             "dangling": "broken symbolic link"}[kind]
+    with pytest.raises(CheckpointError, match=words) as e:
+        Checkpoint(ckpt_copy, load_config(ckpt_copy))
+    assert path.name in str(e.value) and "missing" not in str(e.value)
+
+
+def test_single_file_checkpoint_that_is_a_directory(tmp_path):
+    d = tmp_path / "m"
+    (d / "model.safetensors").mkdir(parents=True)
+    config = load_config(__import__("pathlib").Path(__file__).parent / "fixtures" / "kimi-k2-thinking")
+    with pytest.raises(CheckpointError, match="model.safetensors: shard file is a directory"):
+        Checkpoint(d, config)
+
+
+@pytest.mark.parametrize("name,value", [(NORM, float("nan")), (ATTN, float("inf")),
+                                        ("model.embed_tokens.weight", float("-inf"))])
+def test_non_finite_weights_are_reported_at_load_naming_the_tensor(ckpt_copy, name, value):
+    t = load_file(str(_shard_of(ckpt_copy, name)))["language_model." + name].clone()
+    t.view(-1)[t.numel() // 2] = value
+    path = _rewrite(ckpt_copy, name, t)
+    with pytest.raises(CheckpointError, match="non-finite") as e:
+        _load(ckpt_copy)
+    assert name in str(e.value) and path.name in str(e.value)
+
+
+def test_check_finite_in_chunks_and_for_fp8(monkeypatch):
+    from hybrid import checkpoint
+    monkeypatch.setattr(checkpoint, "FINITE_CHUNK", 7)       # odd: the bad values sit in later chunks
+    t = torch.randn(5, 11)
+    checkpoint.check_finite("ok", t)
+    checkpoint.check_finite("ints", torch.arange(10))
+    t[3, 4], t[4, 10] = float("nan"), float("inf")
+    with pytest.raises(CheckpointError, match=r"x: 2 non-finite value\(s\).*flat index 37") as e:
+        checkpoint.check_finite("x", t)
+    assert "[5, 11]" in str(e.value)
+    f8 = torch.zeros(20, dtype=torch.uint8)
+    f8[13] = 0x7F                                            # e4m3fn's NaN encoding
+    with pytest.raises(CheckpointError, match="flat index 13"):
+        checkpoint.check_finite("f8", f8.view(torch.float8_e4m3fn))

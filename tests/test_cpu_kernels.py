@@ -6,8 +6,14 @@ weights, CPUExperts.dequantized(e), so only the kernels' arithmetic is judged. T
 (hybrid.experts.backends.BACKENDS: numba, kt where installed, torch, ref) loads the checkpoint's INT4
 tensors as stored with load_expert and is compared with moe_int4_ref on weights dequantized by
 hybrid.formats.dequantize_int4 (bf16-rounded, as compressed-tensors does).
+Instruction-set variants (cpu_kernels/isa.py): each ISA this CPU can run is forced with HYBRID_CPU_ISA in a
+subprocess, checked against moe_int4_ref on fresh random inputs and against the other variants (the
+integer sums are exact, so the outputs are bitwise equal); ISAs this CPU lacks are skipped with the reason.
 """
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +21,7 @@ import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-from cpu_kernels import CPUExperts, kt_available, layout, moe_int4_ref
+from cpu_kernels import CPUExperts, isa, kt_available, layout, moe_int4_ref
 from hybrid.config import load_config
 from hybrid.experts.backends import BACKENDS, make_backend
 from hybrid.formats import dequantize_int4, int4_expert_nbytes, pack_int4, unpack_int4_u
@@ -305,3 +311,73 @@ def test_backend_nbytes(name):
     assert ex.nbytes == E * BACKENDS[name][1](D, I)
     if name in ("numba", "kt"):
         assert ex.nbytes == E * int4_expert_nbytes(D, I)
+
+
+# ---- instruction-set variants (cpu_kernels/isa.py) ----------------------------------------------
+ISA_SCRIPT = r"""
+import sys, numpy as np, torch
+from cpu_kernels import CPUExperts, moe_int4_ref
+from cpu_kernels.moe_int4 import ISA
+seed, out = int(sys.argv[1]), sys.argv[2]
+rng = np.random.default_rng(seed)
+ys, errs = [], []
+for T, E, K, D, I in [(1, 5, 3, 320, 288), (4, 6, 2, 64, 96), (37, 9, 4, 128, 64)]:   # decode, batch, prefill
+    ex = CPUExperts(E, D, I)
+    for e in range(E):
+        ex.set_expert(e, *[a for n, k in ((I, D), (I, D), (D, I)) for a in (
+            rng.integers(0, 16, (n, k), dtype=np.uint8),
+            torch.from_numpy(rng.uniform(0.5, 1.5, (n, k // 32)).astype(np.float32) / 64).to(torch.bfloat16))])
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    ids = np.array([rng.permutation(E)[:K] for _ in range(T)])
+    w = rng.uniform(0.1, 1.0, (T, K)).astype(np.float32)
+    y = ex.forward(torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(w)).numpy()
+    ws = [ex.dequantized(e) for e in range(E)]
+    ref = moe_int4_ref(x, ids, w, *[torch.stack([v[i] for v in ws]) for i in range(3)])
+    errs.append(float((np.linalg.norm(y - ref, axis=1) / np.linalg.norm(ref, axis=1)).max()))
+    ys.append(y)
+np.savez(out, *ys)
+print(ISA, max(errs))
+"""
+
+
+@pytest.fixture(scope="module")
+def isa_seed():
+    return int(np.random.default_rng().integers(1 << 30))      # fresh inputs, the same for every variant
+
+
+def run_isa(name, seed, tmp_path):
+    out = tmp_path / f"{name}.npz"
+    env = dict(os.environ, HYBRID_CPU_ISA=name)
+    r = subprocess.run([sys.executable, "-c", ISA_SCRIPT, str(seed), str(out)], env=env, capture_output=True,
+                       text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    got, err = r.stdout.split()[-2:]
+    return got, float(err), [np.load(out)[k] for k in sorted(np.load(out).files)]
+
+
+def test_isa_pick_and_force():
+    assert isa.ISA in isa.supported() and isa.supported()[-1] == "generic"
+    assert isa.pick("auto") == (isa.supported()[0], False)
+    assert isa.pick("generic") == ("generic", True)
+    zen4 = {"avx2": True, "avx512vnni": True, "avx512vl": True}
+    assert isa.pick("auto", zen4)[0] == "avx512vnni" and isa.pick("auto", {"avx2": True})[0] == "avx2"
+    assert isa.pick("auto", {"avx2": True, "avxvnni": True})[0] == "avxvnni"
+    with pytest.raises(RuntimeError, match="lacks avx512vnni"):
+        isa.pick("avx512vnni", {"avx2": True})
+    with pytest.raises(ValueError, match="unknown"):
+        isa.pick("sse9")
+
+
+@pytest.mark.parametrize("name", isa.ISAS)
+def test_isa_variant_vs_reference(name, isa_seed, tmp_path_factory):
+    lack = isa.missing(name)
+    if lack:
+        pytest.skip(f"this CPU lacks {', '.join(lack)}: the {name} kernels need a machine that has it")
+    tmp = tmp_path_factory.mktemp("isa")
+    got, err, ys = run_isa(name, isa_seed, tmp)
+    assert got == name and err <= TOL_INT8, (name, err)
+    print(f"{name}: worst token rel. error {err:.2e}")
+    base = "avx2" if name != "avx2" and not isa.missing("avx2") else None
+    if base:                                            # exact integer sums: the same bits as AVX2
+        for a, b in zip(ys, run_isa(base, isa_seed, tmp)[2]):
+            np.testing.assert_array_equal(a, b)

@@ -117,7 +117,7 @@ def test_closing_a_stream_aborts_and_frees_the_slot(llm):
     next(it)
     it.close()
     assert not llm.engine.has_unfinished()
-    assert llm.engine.slots.free_count() == llm.engine.max_batch
+    assert llm.engine.pool.used_count() == 0
 
 
 def test_request_joining_a_running_batch_gets_its_solo_result(llm):
@@ -202,7 +202,7 @@ def test_a_failed_step_claims_no_cache_rows(tiny_dir):
     llm.model.forward = forward
     eng.abort(rid)
     eng.step()
-    assert eng.slots.tokens[0] == [] and eng.slots.free_count() == 2
+    assert eng.pool.used_count() == 0 and eng.pool.cached_count() == 0
 
 
 def test_step_build_fields():

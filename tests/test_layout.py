@@ -19,7 +19,7 @@ LAYERS = [
     ("hybrid.apps", "hybrid.synthetic"),
     ("hybrid.chat", "hybrid.llm"),
     ("hybrid.engine", "hybrid.plan"),
-    ("hybrid.sampling", "hybrid.text"),
+    ("hybrid.sampling", "hybrid.text", "hybrid.media"),
     ("hybrid.model",),
     ("hybrid.experts",),
     ("hybrid.checkpoint", "hybrid.config", "hybrid.formats"),

@@ -1,5 +1,7 @@
-"""The memory plan and tok/s prediction (hybrid/plan.py) on the published K2.6 config (a directory
-holding only config.json) and the `hybrid plan` command line. Run: pytest tests/test_plan.py (< 1 s).
+"""The memory plan and tok/s prediction (hybrid/plan/) on the published K2.6 config (a directory
+holding only config.json) and the `hybrid plan` command line: sizes, the 8-bit KV cache, the cache room,
+the default context, the advice (every suggestion `hybrid plan` prints for three workstations is applied
+and planned again: it must fit), one-line errors. Run: pytest tests/test_plan.py (a few seconds).
 """
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import pytest
 
 from hybrid.config import load_config
 from hybrid.apps.cli import cli_plan
-from hybrid.plan import (GIB, Hardware, expert_bytes, format_plan, kv_cache_bytes, machine_memory,
-                         make_plan, parse_size, plan_to_json)
+from hybrid.apps.cli import main
+from hybrid.plan import (GIB, Hardware, PlanError, default_max_context, expert_bytes, format_plan, kv_cache_bytes,
+                         machine_memory, make_plan, parse_size, plan_to_json)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 K26 = FIXTURES / "kimi-k2.6"
@@ -90,8 +93,7 @@ def test_24gb_bf16_does_not_fit_and_advice_says_int8(k26):
 def test_shorter_context_advice_fits(k26):
     p = plan(k26, gpu_weights="int8", context=262144)
     assert not p.fits_gpu
-    (line,) = [a for a in p.advice if a.startswith("shorter context")]
-    ctx = int(re.search(r"--context (\d+)", line).group(1))
+    (ctx,) = [sg["changes"]["context"] for sg in p.suggestions if list(sg["changes"]) == ["context"]]
     assert 65536 < ctx < 262144
     assert plan(k26, gpu_weights="int8", context=ctx).fits_gpu
     assert not plan(k26, gpu_weights="int8", context=ctx + 1024).fits_gpu
@@ -101,7 +103,7 @@ def test_512gb_ram_cannot_hold_the_experts_1tb_can(k26):
     p = plan(k26, ram="512GB", gpu_weights="int8")
     assert p.fits_gpu and not p.fits_ram and not p.fits
     assert any("RAM" in a and "531.6 GiB" in a for a in p.advice), p.advice
-    assert any("cannot be held" in a for a in p.advice), p.advice
+    assert not p.suggestions and any("no change of these options makes it fit" in a for a in p.advice), p.advice
     assert plan(k26, ram="1TB", gpu_weights="int8").fits_ram
 
 
@@ -112,8 +114,7 @@ def test_gpu_experts_move_bytes(k26):
     assert hot.gpu_weights_bytes - base.gpu_weights_bytes == hot.gpu_expert_bytes == 100 * eb
     too_many = plan(k26, gpu_weights="int8", gpu_experts=400)
     assert not too_many.fits_gpu
-    (line,) = [a for a in too_many.advice if a.startswith("fewer GPU experts")]
-    n = int(re.search(r"--gpu-experts (\d+)", line).group(1))
+    (n,) = [sg["changes"]["gpu_experts"] for sg in too_many.suggestions if list(sg["changes"]) == ["gpu_experts"]]
     assert 0 < n < 400 and plan(k26, gpu_weights="int8", gpu_experts=n).fits_gpu
 
 
@@ -154,8 +155,9 @@ def test_other_configs_plan():
 def test_parse_size_and_machine_memory():
     assert parse_size("24GB") == parse_size("24GiB") == parse_size("24g") == 24 * GIB
     assert parse_size("1TB") == 1024 * GIB and parse_size("1.5T") == 1536 * GIB
-    assert parse_size("512MB") == 512 << 20 and parse_size("1000") == 1000 and parse_size(7) == 7
-    for bad in ("", "24 XB", "GB", "-1GB"):
+    assert parse_size("512MB") == 512 << 20 and parse_size("1000B") == 1000 and parse_size(7) == 7
+    assert parse_size("0") == 0
+    for bad in ("", "24 XB", "GB", "-1GB", "24", "1000"):          # a bare number is refused: 24 -> 24GB?
         with pytest.raises(ValueError):
             parse_size(bad)
     mem = machine_memory()
@@ -170,23 +172,24 @@ def test_bad_arguments(k26):
 
 
 def test_cli_plan_json(capsys):
-    rc = cli_plan([str(K26), "--gpu-mem", "24GB", "--ram", "512GB", "--context", "65536", "--json"])
+    rc = cli_plan([str(K26), "--gpu-mem", "24GB", "--ram", "1TB", "--context", "65536", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 1 and out["fits"] is False
     for key in ("gpu_weights_bytes", "kv_cache_bytes", "cpu_expert_bytes", "pinned_bytes", "advice"):
         assert key in out
-    assert any("--gpu-weights int8" in a for a in out["advice"])
-    assert out["predicted_decode_tok_s"] is None
+    assert [sg["flags"] for sg in out["suggestions"]] == ["--gpu-weights int8"]    # the one change that fits
+    assert out["predicted_decode_tok_s"] > 0 and out["hw_source"] == "default rates"   # no --hw: marked estimate
 
 
 def test_cli_plan_hw_and_table(tmp_path, capsys):
     hw = tmp_path / "hw.json"
     hw.write_text(json.dumps(HW))
-    rc = cli_plan([str(K26), "--gpu-mem", "24GB", "--ram", "1TB", "--gpu-weights", "int8", "--hw", str(hw), "--json"])
+    rc = cli_plan([str(K26), "--gpu-mem", "24GB", "--ram", "1TB", "--gpu-weights", "int8", "--hw", str(hw), "--json",
+                   "--max-context", "65536"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["fits"] is True and not out["advice"]
     assert out["predicted_prefill_tok_s"] > 0 and out["predicted_decode_tok_s"] > 0
-    assert out == plan_to_json(plan(load_config(K26), gpu_weights="int8", hw=HW))
+    assert out == plan_to_json(plan(load_config(K26), gpu_weights="int8", hw=HW, hw_source=f"--hw {hw}"))
     rc = cli_plan([str(K26), "--gpu-mem", "24GB", "--ram", "1TB", "--batch", "2"])
     text = capsys.readouterr().out
     assert rc == 1 and "memory plan" in text and "NO" in text and "--gpu-weights int8" in text
@@ -196,3 +199,104 @@ def test_tiny_synthetic_plan(tiny_dir):
     c = load_config(tiny_dir)
     p = make_plan(c, gpu_mem_bytes=0, ram_bytes=parse_size("16GB"), context=4096, hw=HW)
     assert p.fits and p.cpu_expert_bytes == c.num_moe_layers * c.n_routed_experts * expert_bytes(c)
+
+
+# ---- 8-bit KV cache, cache room, default context ----------------------------------------------
+KV_WIDTH = 512 + 64          # K2.6 kv_lora_rank + qk_rope_head_dim
+
+
+def test_kv_cache_dtypes(k26):
+    """bf16: 2 bytes per latent value; 8-bit: 1 byte + two fp32 scales per token per layer; auto on a
+    CPU-only machine: fp32 (the model dtype there)."""
+    assert plan(k26, kv_cache_dtype="bf16").kv_cache_bytes == 61 * 65536 * KV_WIDTH * 2
+    for kind in ("fp8", "int8"):
+        assert plan(k26, kv_cache_dtype=kind).kv_cache_bytes == 61 * 65536 * (KV_WIDTH + 8)
+    cpu = make_plan(k26, gpu_mem_bytes=0, ram_bytes=parse_size("1TB"), context=4096)
+    assert cpu.kv_cache_bytes == 61 * 4096 * KV_WIDTH * 4
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        plan(k26, kv_cache_dtype="int4")
+
+
+def test_cache_room_in_tokens(k26):
+    p = plan(k26, gpu="48GB", gpu_weights="int8", context=8192)
+    rest = p.gpu_total_bytes - p.kv_cache_bytes                          # everything but the cache
+    assert p.cache_room["bf16"] == (48 * GIB - rest) // (61 * KV_WIDTH * 2)
+    assert p.cache_room["8-bit"] == (48 * GIB - rest) // (61 * (KV_WIDTH + 8))
+    text = format_plan(p)
+    assert f"bf16: {p.cache_room['bf16']} tokens" in text and f"{p.cache_room['bf16'] // 8192} of 8K" in text
+
+
+def test_default_max_context(k26):
+    """The longest context that fits (a multiple of 256), the model's maximum when that fits; PlanError
+    when not even the shortest fits."""
+    gpu, ram = parse_size("24GB"), parse_size("1TB")
+    ctx = default_max_context(k26, gpu, ram, gpu_weights="int8")
+    assert ctx % 256 == 0 and 1024 <= ctx < k26.max_position_embeddings
+    assert make_plan(k26, gpu_mem_bytes=gpu, ram_bytes=ram, context=ctx, gpu_weights="int8").fits
+    assert not make_plan(k26, gpu_mem_bytes=gpu, ram_bytes=ram, context=ctx + 256, gpu_weights="int8").fits
+    assert default_max_context(k26, gpu, ram, gpu_weights="int8", batch=4) < ctx
+    assert default_max_context(k26, parse_size("80GB"), ram) == k26.max_position_embeddings
+    with pytest.raises(PlanError):
+        default_max_context(k26, gpu, parse_size("512GB"))
+
+
+# ---- `hybrid plan` on three workstations: every printed suggestion, applied, fits --------------
+WORKSTATIONS = [("24GB", "512GB"), ("48GB", "1TB"), ("0", "768GB")]
+SETTINGS = [[], ["--max-context", "262144"], ["--max-context", "262144", "--max-batch", "4"],
+            ["--max-context", "131072", "--max-batch", "8", "--gpu-experts", "2000"],
+            ["--max-context", "65536", "--max-batch", "16", "--expert-backend", "torch"]]
+SUGGESTION = re.compile(r"^  - ((?:--[a-z-]+ \S+ ?)+) fits \(", re.M)
+
+
+@pytest.mark.parametrize("gpu,ram", WORKSTATIONS)
+def test_every_suggestion_fits_when_applied(gpu, ram, capsys):
+    printed = 0
+    for settings in SETTINGS:
+        argv = [str(K26), "--gpu-mem", gpu, "--ram", ram, *settings]
+        rc = cli_plan(argv)
+        text = capsys.readouterr().out
+        assert ("fits" in text) and rc == (0 if "does not fit" not in text else 1), text
+        if rc == 0:
+            continue
+        assert re.search(r"does not fit: (GPU|RAM): needs [\d.]+ GiB, has [\d.]+ GiB", text), text
+        flags = SUGGESTION.findall(text)
+        assert flags or "no change of these options makes it fit" in text, text
+        for f in flags:
+            printed += 1
+            assert cli_plan(argv + f.split()) == 0, (argv, f, capsys.readouterr().out)
+            capsys.readouterr()
+    assert printed > 0 or gpu == "24GB"          # 512 GB cannot hold K2.6's 531.6 GiB of experts at all
+
+
+def test_no_gpu_names_the_kv_cache_when_it_is_the_cause(k26):
+    """CPU-only, 768 GB: 8 sequences of 262144 tokens overflow RAM because of the KV cache; the advice
+    shortens the context / batch or quantizes the cache, and does not blame the experts."""
+    p = make_plan(k26, gpu_mem_bytes=0, ram_bytes=parse_size("768GB"), context=262144, batch=8)
+    assert not p.fits and "KV cache (262144 tokens x 8)" in p.problem
+    kinds = {k for sg in p.suggestions for k in sg["changes"]}
+    assert {"context", "batch", "kv_cache_dtype"} <= kinds and "expert_backend" not in kinds
+    assert all(make_plan(k26, **{**dict(gpu_mem_bytes=0, ram_bytes=parse_size("768GB"), context=262144, batch=8),
+                                 **sg["changes"]}).fits for sg in p.suggestions)
+
+
+def test_plan_cli_errors_are_one_line(capsys, tmp_path):
+    cases = [([str(K26), "--gpu-mem", "24", "--ram", "1TB"], "24GB"),
+             ([str(tmp_path / "nope"), "--gpu-mem", "24GB"], "no such directory"),
+             ([str(tmp_path), "--gpu-mem", "24GB"], "config.json"),
+             ([str(K26), "--gpu-mem", "24GB", "--ram", "1TB", "--max-context", "300000"], "maximum"),
+             ([str(K26), "--gpu-mem", "24GB", "--ram", "1TB", "--hw", str(tmp_path / "hw.json")], "hw.json")]
+    for argv, needle in cases:
+        assert main(["plan", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("hybrid plan: error:") and needle in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    with pytest.raises(ValueError):
+        main(["plan", str(tmp_path / "nope"), "--debug"])           # --debug: the exception itself
+
+
+def test_old_option_names_still_read_the_same(k26, capsys):
+    new = cli_plan([str(K26), "--gpu-mem", "24GB", "--ram", "1TB", "--max-context", "8192", "--max-batch", "2",
+                    "--json"])
+    a = json.loads(capsys.readouterr().out)
+    old = cli_plan([str(K26), "--gpu-mem", "24GB", "--ram", "1TB", "--context", "8192", "--batch", "2", "--json"])
+    assert new == old and a == json.loads(capsys.readouterr().out) and (a["context"], a["batch"]) == (8192, 2)

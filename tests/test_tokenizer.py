@@ -213,3 +213,77 @@ def test_decode_specials(pair):
     ids = tok.encode_with_special("hi<|im_end|>")
     assert tok.decode(ids) == "hi<|im_end|>"
     assert tok.decode(ids, skip_special_tokens=True) == "hi"
+
+
+# ---- bad tokenizer files: TokenizerError naming the file and what is wrong --------------------------
+from hybrid.text.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
+
+
+@pytest.fixture
+def small_tok(tmp_path):
+    write_tokenizer_files(tmp_path, 2304)
+    return tmp_path
+
+
+def _lines(d):
+    return (d / "tiktoken.model").read_bytes().splitlines()
+
+
+def _set_lines(d, lines):
+    (d / "tiktoken.model").write_bytes(b"\n".join(lines) + b"\n")
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda ls: ls[:5] + [b"!!notbase64 5"] + ls[6:], "line 6: .* is not base64"),
+    (lambda ls: ls[:5] + [ls[5].split()[0] + b" five"] + ls[6:], "line 6: rank .*five.* is not a non-negative"),
+    (lambda ls: ls[:5] + [ls[5].split()[0] + b" -5"] + ls[6:], "line 6: rank .*-5"),
+    (lambda ls: ls[:5] + [ls[5] + b" extra"] + ls[6:], "line 6: expected 'base64 rank'"),
+    (lambda ls: ls[:5] + [ls[4].split()[0] + b" 5"] + ls[6:], "line 6: token .* already has rank 4"),
+    (lambda ls: ls[:5] + [ls[5].split()[0] + b" 99999999"] + ls[6:], "rank 5 is missing"),
+    (lambda ls: [], "no tokens"),
+])
+def test_bad_tiktoken_model_lines_are_named(small_tok, damage, words):
+    _set_lines(small_tok, damage(_lines(small_tok)))
+    with pytest.raises(TokenizerError, match=words) as e:
+        Tokenizer.from_pretrained(small_tok)
+    assert "tiktoken.model" in str(e.value)
+
+
+@pytest.mark.parametrize("text,words", [
+    ('{"added_tokens_decoder": ', "not valid JSON: .* line 1"),
+    ("[1, 2]", "must be a JSON object"),
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
+    ('{"added_tokens_decoder": [1]}', "'added_tokens_decoder' must be an object"),
+    ('{"added_tokens_decoder": {"2100": {"special": true}}}', r"added_tokens_decoder\['2100'\] has no 'content'"),
+    ('{"added_tokens_decoder": {"x": {"content": "<a>"}}}', "key 'x' is not a token id"),
+    ('{"added_tokens_decoder": {"5": {"content": "<a>"}}}', "id 5 < 2048 ordinary tokens"),
+    ('{"bos_token": 5}', "'bos_token' must be a string"),
+])
+def test_bad_tokenizer_config_is_named(small_tok, text, words):
+    (small_tok / "tokenizer_config.json").write_text(text)
+    with pytest.raises(TokenizerError, match=words) as e:
+        Tokenizer.from_pretrained(small_tok)
+    assert "tokenizer_config.json" in str(e.value)
+
+
+def test_non_regular_tokenizer_files_are_refused(small_tok):
+    import os
+    (small_tok / "tokenizer_config.json").unlink()
+    os.mkfifo(small_tok / "tokenizer_config.json")        # reading it would block
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: not a regular file"):
+        Tokenizer.from_pretrained(small_tok)
+    (small_tok / "tiktoken.model").unlink()
+    (small_tok / "tiktoken.model").symlink_to("/dev/zero")
+    with pytest.raises(TokenizerError, match="tiktoken.model: not a regular file"):
+        Tokenizer.from_pretrained(small_tok)
+
+
+def test_load_tokenizer_without_tiktoken_model(small_tok, tmp_path_factory):
+    assert load_tokenizer(small_tok).n_ordinary == 2048
+    (small_tok / "tiktoken.model").unlink()
+    with pytest.raises(TokenizerError, match="tiktoken.model not found, but the folder has tokenizer_config.json"):
+        load_tokenizer(small_tok)
+    (small_tok / "tokenizer.json").write_text("{}")
+    with pytest.raises(TokenizerError, match="Hugging Face fast tokenizer"):
+        load_tokenizer(small_tok)
+    assert load_tokenizer(tmp_path_factory.mktemp("no-tokenizer")) is None      # token ids only: fine

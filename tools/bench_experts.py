@@ -1,7 +1,7 @@
 """Benchmark the CPU routed-expert kernels against the machine's own limits, in one run.
 
     python tools/bench_experts.py [--quick] [--json] [--threads N] [--act-format int8|int8x2]
-                                  [--prefill-experts E]
+                                  [--prefill-experts E] [--dense | --dense-only]
 
 Measures (1) read bandwidth: a STREAM-like parallel sum over 1 GiB (Numba, all threads, best of
 several runs) and (2) the fp32 FMA peak: torch.matmul 2048^3 (OpenBLAS/oneDNN, all threads), then
@@ -17,6 +17,10 @@ before and after each run are printed, so a disturbed run shows.
 Weights are random nibbles (speed does not depend on their values), loaded with
 CPUExperts.set_expert (numba) / KTExperts.load_expert (kt, the int32 words as stored); an
 expert's bytes are hybrid.formats.int4_expert_nbytes.
+--dense adds tools/bench_dense.py: the accelerator side's Linears on the CPU per path (torch float32 /
+bf16, our Numba bf16 / int8 kernels) at 1, 4 and 16 rows, torch's matmul GFLOP/s, and the int8
+dot-product peak (a vpmaddubsw + vpmaddwd loop) beside the fp32 peak; --dense-only runs just that
+(with the read bandwidth and the fp32 peak). hybrid/speed.py reads dense_gbs / matmul_gflops.
 --json prints one object with read_bandwidth_gbs, fma_peak_gflops, decode_gbs, decode_ratio,
 prefill_512_gflops, prefill_512_ratio, threads, read_bandwidth_after_gbs (+ kt_* where kt-kernel runs).
 """
@@ -192,6 +196,8 @@ def main(argv=None):
     ap.add_argument("--act-format", default="int8", help="numba activation format: int8 or int8x2")
     ap.add_argument("--prefill-experts", type=int, default=None,
                     help="experts in the prefill runs (default 384, 64 with --quick)")
+    ap.add_argument("--dense", action="store_true", help="also the dense Linear paths + int8 peak (bench_dense.py)")
+    ap.add_argument("--dense-only", action="store_true", help="only those (no expert kernels)")
     args = ap.parse_args(argv)
     N = args.threads
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
@@ -200,7 +206,9 @@ def main(argv=None):
         sys.stdout.flush()
         json_out = os.fdopen(os.dup(1), "w")
         os.dup2(2, 1)
-    res = {"threads": N, "cpu": _cpu_name(), "act_format": args.act_format}
+    from cpu_kernels.isa import ISA, FORCED
+    res = {"threads": N, "cpu": _cpu_name(), "act_format": args.act_format, "isa": ISA, "isa_forced": FORCED}
+    say(f"expert kernels' instruction set: {ISA} ({'forced by HYBRID_CPU_ISA' if FORCED else 'picked from the CPU'})")
 
     bw = {t: read_bandwidth(t, reps=3 if args.quick else 5) for t in range(1, N + 1)}
     res["read_bandwidth_gbs"] = bw[N]
@@ -209,6 +217,15 @@ def main(argv=None):
     say("read bandwidth (GB/s, best of runs): " + ", ".join(f"{t} thr {v:.1f}" for t, v in bw.items()))
     say(f"fp32 FMA peak (torch.matmul 2048^3, {N} thr): {res['fma_peak_gflops']:.0f} GFLOP/s")
     around = res["read_bandwidth_around_runs"] = {}   # run -> (GB/s before, GB/s after)
+    if args.dense or args.dense_only:
+        from tools import bench_dense
+        say("\ndense Linears on the CPU (tools/bench_dense.py), GB/s of weights (ratio to read bw):")
+        res.update(bench_dense.run(N, [1, 4, 16], llc_bytes(), read_bandwidth, say))
+        if args.dense_only:
+            res["read_bandwidth_after_gbs"] = read_bandwidth(N, reps=3)
+            if args.json:
+                print(json.dumps(res, default=float), file=json_out, flush=True)
+            return res
 
     def measured(run, t, fn):
         """fn() with the read bandwidth (t threads) measured right before and right after it."""

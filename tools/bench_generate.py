@@ -3,6 +3,7 @@ layer shapes), measured against this machine's own read bandwidth in the same ru
 
     python tools/bench_generate.py [MODEL_DIR] [--batches 1,4,16] [--prompt-len 64] [--steps 8]
                                    [--expert-backend auto] [--dtype float32|bfloat16] [--json]
+                                   [--cpu-weights off|bf16|int8] [--logit-error] [--hw HW.json]
 
 MODEL_DIR defaults to /tmp/hybrid-k2slice (written by tools/make_checkpoint.py --preset k2-slice
 if missing). For each batch size B it reports:
@@ -15,6 +16,11 @@ if missing). For each batch size B it reports:
   overhead            share of the step time outside the model's forward (engine bookkeeping,
                       sampling, detokenisation);
   overlap             MoE layer time / max(CPU expert time, accelerator time), per MoE layer, summed.
+--cpu-weights bf16|int8 swaps the accelerator-side Linears for hybrid/model/cpu_linear.py's CPULinear
+(our Numba matrix-vector kernels at decode) after loading (CPU only); --logit-error then also reports
+the logits of a 64-token prompt, every row through the Numba kernels, against the unswapped model
+(rel-L2 per position, argmax agreement). --hw adds hybrid plan's prediction (hybrid/speed.py) beside
+the measured tok/s, with this run's dtype and CPU weight format.
 """
 from __future__ import annotations
 
@@ -35,12 +41,33 @@ DEFAULT_DIR = "/tmp/hybrid-k2slice"
 
 
 def accelerator_bytes(llm) -> int:
-    """Bytes of every weight the accelerator side reads per decode step (all but the embedding table)."""
+    """Bytes of every weight the accelerator side reads per decode step (all but the embedding table;
+    the 8-bit / CPU Linears keep theirs as buffers weight_q, weight_scale)."""
     total = 0
     for name, p in llm.model.named_parameters():
         if name != "model.embed_tokens.weight":
             total += p.numel() * p.element_size()
+    for name, b in llm.model.named_buffers():
+        if name.endswith(("weight_q", "weight_scale")):
+            total += b.numel() * b.element_size()
     return total
+
+
+def logit_error(llm, fmt: str, n_tokens: int = 64) -> dict:
+    """Swap the Linears for CPULinear(fmt) and compare the logits of n_tokens random ids, every row
+    through the Numba kernels, with the unswapped model's (the same LLM, scored before the swap)."""
+    from hybrid.model import cpu_linear
+    ids = torch.randint(0, llm.config.vocab_size, (n_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    ref = llm.score(ids).float()
+    info = cpu_linear.swap_cpu_linears(llm.model, fmt)
+    saved, cpu_linear.DECODE_ROWS = cpu_linear.DECODE_ROWS, 10 ** 9
+    try:
+        got = llm.score(ids).float()
+    finally:
+        cpu_linear.DECODE_ROWS = saved
+    rel = (got - ref).norm(dim=-1) / ref.norm(dim=-1)
+    return {"format": fmt, "rel_l2_max": rel.max().item(), "rel_l2_mean": rel.mean().item(),
+            "argmax_agreement": (got.argmax(-1) == ref.argmax(-1)).float().mean().item(), **info}
 
 
 def expert_bytes_touched(llm, moe_ids: list[torch.Tensor]) -> int:
@@ -108,15 +135,22 @@ def run_batch(llm, timer, B: int, prompt_len: int, steps: int) -> dict:
             "accel_ms_per_step": 1e3 * ov["accel_s"] / steps, "wait_ms_per_step": 1e3 * ov["wait_s"] / steps}
 
 
-def predicted(llm, hw_file: str, batch: int, prompt_len: int, steps: int) -> dict:
-    """hybrid plan's prediction for this machine (no GPU here: everything in RAM)."""
+def predicted(llm, hw_file: str, batch: int, prompt_len: int, steps: int, cpu_weights: str = "off") -> dict:
+    """hybrid plan's prediction for this machine (no GPU here: everything in RAM), re-run by
+    hybrid.speed.predict with this run's dtype and CPU weight format."""
     from hybrid.plan import Hardware, machine_memory, make_plan
+    from hybrid.speed import predict
     hw = Hardware.from_dict(json.load(open(hw_file)))
     mem = machine_memory()
     plan = make_plan(llm.config, gpu_mem_bytes=mem["gpu_mem_bytes"], ram_bytes=mem["ram_bytes"],
                      context=prompt_len + steps + 8, batch=batch, hw=hw, prefill_tokens=prompt_len)
+    from hybrid.plan import KV_BYTES, expert_bytes, linear_shapes
+    params = sum(n * k for shapes in linear_shapes(llm.config).values() for n, k in shapes)
+    predict(llm.config, plan, hw, prompt_len, expert_bytes=expert_bytes(llm.config), params=params,
+            kv_bytes=KV_BYTES, dtype=str(llm.dtype).replace("torch.", ""), cpu_weights=cpu_weights)
     return {"predicted_prefill_tok_s": plan.predicted_prefill_tok_s,
-            "predicted_decode_tok_s": plan.predicted_decode_tok_s}
+            "predicted_decode_tok_s": plan.predicted_decode_tok_s,
+            "predicted_step_ms": plan.prediction["decode_step_ms"]}
 
 
 def main(argv=None):
@@ -130,6 +164,9 @@ def main(argv=None):
                     help="accelerator-side dtype (default: bf16 on a GPU, float32 on the CPU)")
     ap.add_argument("--hw", help="tools/bench_experts.py --json output: adds hybrid plan's predicted tok/s "
                                  "for this machine next to the measured ones")
+    ap.add_argument("--cpu-weights", default="off", choices=["off", "bf16", "int8"],
+                    help="CPU only: accelerator-side Linears as CPULinear (hybrid/model/cpu_linear.py)")
+    ap.add_argument("--logit-error", action="store_true", help="with --cpu-weights: logits vs the unswapped model")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
@@ -141,6 +178,15 @@ def main(argv=None):
     bw = read_bandwidth(threads)
     llm = LLM(args.model_dir, expert_backend=args.expert_backend, max_batch=max(batches), dtype=args.dtype,
               max_context=args.prompt_len + args.steps + 8, progress=not args.json)
+    err = None
+    if args.cpu_weights != "off":
+        if llm.device.type != "cpu":
+            raise SystemExit("--cpu-weights is for the accelerator side on the CPU")
+        if args.logit_error:
+            err = logit_error(llm, args.cpu_weights)
+        else:
+            from hybrid.model.cpu_linear import swap_cpu_linears
+            swap_cpu_linears(llm.model, args.cpu_weights)
     timer = ForwardTimer(llm)
     acc_bytes = accelerator_bytes(llm)
     rows = []
@@ -150,15 +196,21 @@ def main(argv=None):
         r["bound_tok_s"] = B / (step_bytes / (bw * 1e9))
         r["of_bound"] = r["decode_tok_s"] / r["bound_tok_s"]
         if args.hw:
-            r.update(predicted(llm, args.hw, B, args.prompt_len, args.steps))
+            r.update(predicted(llm, args.hw, B, args.prompt_len, args.steps, args.cpu_weights))
         rows.append(r)
     result = {"model_dir": args.model_dir, "read_bandwidth_gbs": bw, "threads": threads,
-              "device": str(llm.device), "dtype": str(llm.dtype), "accelerator_bytes": acc_bytes, "rows": rows}
+              "device": str(llm.device), "dtype": str(llm.dtype), "cpu_weights": args.cpu_weights,
+              "read_bandwidth_after_gbs": read_bandwidth(threads), "logit_error": err,
+              "accelerator_bytes": acc_bytes, "rows": rows}
     if args.json:
         print(json.dumps(result, indent=2))
         return result
-    print(f"read bandwidth {bw:.1f} GB/s ({threads} threads); accelerator side on {llm.device} "
-          f"({llm.dtype}, {acc_bytes / 1e9:.2f} GB read per step)")
+    print(f"read bandwidth {bw:.1f} GB/s before, {result['read_bandwidth_after_gbs']:.1f} after ({threads} "
+          f"threads); accelerator side on {llm.device} ({llm.dtype}, CPU weights {args.cpu_weights}, "
+          f"{acc_bytes / 1e9:.2f} GB read per step)")
+    if err:
+        print(f"logit error of CPU weights {err['format']} vs unswapped ({args.prompt_len} ids): rel-L2 max "
+              f"{err['rel_l2_max']:.2e} mean {err['rel_l2_mean']:.2e}, argmax {err['argmax_agreement']:.1%}")
     print(f"{'batch':>5} {'prefill tok/s':>13} {'decode tok/s':>12} {'bound tok/s':>11} {'of bound':>8} "
           f"{'overhead':>8} {'overlap':>7} {'cpu ms':>7} {'accel ms':>8} {'wait ms':>7}")
     for r in rows:

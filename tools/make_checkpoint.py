@@ -2,6 +2,11 @@
 
   python tools/make_checkpoint.py OUT_DIR [--preset tiny|k2-slice] [--layout k2.6|k2-thinking|deepseek-v3|bf16]
          [--seed N] [--experts N] [--layers N] [--vocab N] [--set key=value ...]
+
+The k2.6 layout (the default) includes a MoonViT vision tower and projector under K2.6's tensor names: small in
+the tiny preset (2 layers x 64), K2.6's real sizes in k2-slice; set them with e.g. --set vt_num_hidden_layers=27
+--set vt_hidden_size=1152 --set vt_num_attention_heads=16 --set vt_intermediate_size=4304
+--set init_pos_emb_height=64 --set init_pos_emb_width=64 (tools/bench_vision.py does).
 """
 from __future__ import annotations
 

@@ -4,20 +4,39 @@
 
 Each input line is {"id": ..., "messages": [...] | "prompt": "..." | [ids], sampling fields as in the
 server (max_tokens, temperature, top_p, top_k, min_p, penalties, seed, stop, ...), optional tools /
-tool_choice and chat_template_kwargs {thinking, preserve_thinking}}. Requests go through the engine
-together (many added, then stepped until done), and each result is appended and flushed the moment it
-finishes, in finishing order. Re-running the same command skips every input already answered in the
-output and does the rest, so each input line gets exactly one record: a result, or an error record
-{"id", "line", "error", "param"} for a malformed line, a bad field, a duplicate id or a prompt longer
-than the context. A record cut short by a crash (no final newline) is dropped and redone.
-Checked by tests/test_batch.py (resume after the process is killed mid-job, malformed lines, duplicates).
+tool_choice, response_format, logprobs / top_logprobs and chat_template_kwargs {thinking, preserve_thinking}},
+parsed by hybrid/apps/openai_protocol.py exactly as the server parses a request (unknown fields are ignored,
+as there). Requests go through the engine together (many added, then stepped until done), and each result is
+appended and flushed the moment it finishes, in finishing order. Re-running the same command skips every
+input already answered in the output and does the rest, so each input line gets exactly one record: a
+result, or an error record {"id", "line", "error", "param"} for a malformed line, a bad field, a duplicate
+id, a prompt longer than the context, or a sequence that failed while generating (the engine's
+finish_reason "error": that record alone fails, the job goes on and exits 0). A record cut short by a crash
+(no final newline) is dropped and redone. `retry_errors=True` drops the error records first (the output is
+rewritten without them, atomically) so a rerun retries those lines.
+
+One writer per output: a run holds an exclusive lock (flock) on OUTPUT.lock for its whole life; a second
+run on the same output is refused with the holder's pid (the lock dies with its process, SIGKILL included;
+the OUTPUT.lock file itself stays, harmless: the flock is the lock, not the file).
+`check_paths(input, output)` checks the paths (input a regular file, output not the input, not a folder,
+its folder present and writable, not locked) and is meant to be called before the model loads.
+Checked by tests/test_batch.py (resume after SIGKILL, malformed and poisonous lines, generation failures,
+two runs on one output, output == input, output paths, retry of error records).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:           # not POSIX: no lock (documented)
+    fcntl = None
 
 from tqdm import tqdm
 
@@ -26,6 +45,9 @@ from hybrid.chat import chat_sampling
 from hybrid.text.output_parser import parse_output
 from hybrid.apps.openai_protocol import FieldError
 
+
+class BatchPathError(ValueError):
+    """--input / --output unusable (missing, a folder, the same file, locked by another run)."""
 
 
 @dataclass
@@ -47,8 +69,10 @@ def _key(record_or_id, line: int | None = None, duplicate: bool = False) -> str:
     return "id:" + json.dumps(record_or_id, sort_keys=True)
 
 
-def answered(output: Path) -> set[str]:
-    """Keys of the inputs the output already answers; drops a torn last record (no newline)."""
+def answered(output: Path, retry_errors: bool = False) -> set[str]:
+    """Keys of the inputs the output already answers; drops a torn last record (no newline).
+    retry_errors: error records do not count as answers."""
+    output = Path(output)
     if not output.is_file():
         return set()
     data = output.read_bytes()
@@ -63,7 +87,7 @@ def answered(output: Path) -> set[str]:
             rec = json.loads(raw)
         except ValueError:
             continue
-        if isinstance(rec, dict) and "line" in rec:
+        if isinstance(rec, dict) and "line" in rec and not (retry_errors and "error" in rec):
             keys.add(_key(rec.get("id"), rec["line"], "duplicate_of_line" in rec))
     return keys
 
@@ -77,8 +101,9 @@ def read_entries(input_path: Path) -> list[_Entry]:
                 continue
             try:
                 obj = json.loads(raw)
-            except ValueError as e:
-                entries.append(_Entry(n, _key(None, n), error=f"line {n} is not valid JSON: {e}"))
+            except (ValueError, RecursionError) as e:     # bad JSON, a 5000-digit number, deep nesting
+                entries.append(_Entry(n, _key(None, n), error=f"line {n} is not valid JSON: "
+                                                             f"{type(e).__name__}: {str(e)[:200]}"))
                 continue
             if not isinstance(obj, dict):
                 entries.append(_Entry(n, _key(None, n), error=f"line {n} must be a JSON object"))
@@ -105,6 +130,105 @@ def read_entries(input_path: Path) -> list[_Entry]:
     return entries
 
 
+def _kind(path: Path) -> str | None:
+    """None for a regular file; else what it is, in words ('missing', 'a folder', ...)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    return "a folder" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, device or socket)"
+
+
+def lock_path(output: Path) -> Path:
+    return output.with_name(output.name + ".lock")
+
+
+class _Lock:
+    """An exclusive flock on OUTPUT.lock, held while the run writes; refused (BatchPathError) if held."""
+
+    def __init__(self, output: Path):
+        self.path = lock_path(output)
+        self.f = None
+        if fcntl is None:
+            return
+        try:
+            self.f = open(self.path, "a+", encoding="utf-8")
+        except OSError as e:
+            raise BatchPathError(f"--output {output}: cannot create the lock file {self.path} ({e.strerror})") \
+                from None
+        try:
+            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.seek(0)
+            holder = self.f.read(40).strip() or "unknown"
+            self.f.close()
+            raise BatchPathError(f"--output {output} is being written by another hybrid batch run (pid {holder}, "
+                                 f"lock {self.path}): wait for it to finish, or choose another --output") from None
+        self.f.seek(0)
+        self.f.truncate()
+        self.f.write(f"{os.getpid()}\n")
+        self.f.flush()
+
+    def release(self) -> None:
+        if self.f is not None:
+            fcntl.flock(self.f.fileno(), fcntl.LOCK_UN)
+            self.f.close()
+            self.f = None
+
+
+def check_paths(input_path, output_path) -> tuple[Path, Path]:
+    """BatchPathError, with what to do, unless the input is a readable regular file and the output can be
+    appended to by this run; meant to be called before the model loads (the CLI does)."""
+    inp, out = Path(input_path), Path(output_path)
+    kind = _kind(inp)
+    if kind is not None:
+        raise BatchPathError(f"--input {inp}: " + ("no such file" if kind == "missing" else f"is {kind}"))
+    same = out.resolve() == inp.resolve()
+    if not same and _kind(out) is None:
+        same = os.path.samefile(inp, out)
+    if same:
+        raise BatchPathError(f"--output {out} is the input file: results would be appended to the requests; "
+                             "choose another --output")
+    kind = _kind(out)
+    if kind not in (None, "missing"):
+        raise BatchPathError(f"--output {out}: is {kind}; give the path of a file (it is created, or appended to)")
+    parent = out.parent
+    if not parent.is_dir():
+        raise BatchPathError(f"--output {out}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (kind is None and not os.access(out, os.W_OK)):
+        raise BatchPathError(f"--output {out}: not writable by this user")
+    _Lock(out).release()                         # refuses now, not after minutes of loading
+    return inp, out
+
+
+def _drop_error_records(output: Path) -> int:
+    """Rewrite the output without its error records (temporary file + rename: a crash keeps the old one)."""
+    if not output.is_file():
+        return 0
+    keep, dropped = [], 0
+    for raw in output.read_bytes().splitlines(keepends=True):
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict) and "error" in rec and "line" in rec:
+            dropped += 1
+        else:
+            keep.append(raw)
+    if dropped:
+        tmp = output.with_name(f".{output.name}.retry.tmp")
+        with open(tmp, "wb") as f:
+            f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, output)
+    return dropped
+
+
 class _Writer:
     def __init__(self, path: Path):
         self.f = open(path, "a", encoding="utf-8")
@@ -114,26 +238,72 @@ class _Writer:
         self.f.flush()
 
     def error(self, e: _Entry) -> None:
-        rec = {"id": e.id, "line": e.line, "error": e.error, "param": e.param}
-        if e.request and "duplicate_of_line" in e.request:
-            rec["duplicate_of_line"] = e.request["duplicate_of_line"]
-        self.write(rec)
+        self.write(error_record(e))
+
+
+def error_record(e: _Entry) -> dict:
+    rec = {"id": e.id, "line": e.line, "error": e.error, "param": e.param}
+    if e.request and "duplicate_of_line" in e.request:
+        rec["duplicate_of_line"] = e.request["duplicate_of_line"]
+    return rec
+
+
+def _constraint(llm, spec: dict | None, params):
+    """The grammar constraint of response_format / a forced tool_choice (hybrid/text/grammar.py)."""
+    if spec is None:
+        return params
+    from hybrid.text.grammar import GrammarError, constraint_for
+    try:
+        c = constraint_for(llm.tokenizer, llm.config.vocab_size, **spec)
+    except GrammarError as e:
+        raise FieldError("tool_choice" if spec["kind"].startswith("tool") else "response_format", str(e)) from None
+    return dataclasses.replace(params, constraint=c)
 
 
 def _prepare(llm, e: _Entry, defaults: dict, max_tokens: int | None):
     """-> (prompt ids, SamplingParams, chat args or None); FieldError for a bad field."""
     req = e.request
-    params = protocol.sampling_params(req, defaults, max_tokens=max_tokens)
+    if protocol.choices(req) != 1:
+        raise FieldError("n", "n > 1 is not supported in a batch job (one record per id): "
+                              "write one line per choice, with its own id")
     if req.get("messages") is not None:
         args = protocol.chat_args(req)
-        return protocol.chat_prompt(llm, args), chat_sampling(params), args
+        params = protocol.sampling_params(req, defaults, max_tokens=max_tokens, thinking=args.thinking,
+                                          logprobs=protocol.chat_logprobs(req))
+        prompt = protocol.chat_prompt(llm, args)
+        return prompt, _constraint(llm, args.constraint, chat_sampling(params)), args
+    if req.get("response_format") is not None:
+        raise FieldError("response_format", "response_format applies to 'messages' lines, not to 'prompt'")
+    params = protocol.sampling_params(req, defaults, max_tokens=max_tokens,
+                                      logprobs=protocol.completion_logprobs(req))
     prompts = protocol.completion_prompts(llm, req)
     if len(prompts) != 1:
         raise FieldError("prompt", "one prompt per line (a string or a list of token ids)")
     return prompts[0], params, None
 
 
-def _result(e: _Entry, args, text: str, token_ids: list[int], last) -> dict:
+def prepare_entry(llm, e: _Entry, defaults: dict, max_tokens: int | None):
+    """(prompt ids, SamplingParams, chat args), or None after setting e.error / e.param (write
+    error_record(e)): any failure while preparing one line fails that line alone."""
+    try:
+        return _prepare(llm, e, defaults, max_tokens)
+    except FieldError as err:
+        e.error, e.param = f"line {e.line}: {err.message}", err.param
+    except ValueError as err:                 # the tokenizer's / engine's: too long, bad ids
+        e.error, e.param = f"line {e.line}: {err}", "messages" if "messages" in e.request else "prompt"
+    except Exception as err:                  # a failing chat template, a grammar library error, ...
+        e.error, e.param = f"line {e.line}: {type(err).__name__}: {err}", None
+    return None
+
+
+def _result(e: _Entry, args, text: str, token_ids: list[int], last, logprobs: list | None = None,
+            tokenizer=None) -> dict:
+    """The line's result record; an error record when the engine failed the sequence (finish_reason
+    "error"). `logprobs`: the entries of every generated token, when asked for."""
+    if last.finish_reason == "error":
+        e.error = f"line {e.line}: generation failed: {getattr(last, 'error', None) or 'unknown error'}"
+        e.param = None
+        return {**error_record(e), "finish_reason": "error"}
     rec = {"id": e.id, "line": e.line}
     reason = last.finish_reason
     if args is not None:
@@ -144,17 +314,30 @@ def _result(e: _Entry, args, text: str, token_ids: list[int], last) -> dict:
     else:
         rec["text"] = text
     rec["finish_reason"] = reason
+    if logprobs is not None:
+        pairs = list(zip(token_ids, logprobs))
+        rec["logprobs"] = ({"content": protocol.logprobs_chat(tokenizer, pairs)} if args is not None
+                           else protocol.logprobs_completion(tokenizer, pairs))
     rec["usage"] = protocol.usage(len(last.prompt_token_ids), len(token_ids), last.cached_prompt_tokens)
     m = last.metrics or {}
     rec["metrics"] = {k: round(m[k], 4) for k in ("time_to_first_token_s", "decode_tokens_per_s") if k in m}
     return rec
 
 
-def run_batch(llm, input_path, output_path, max_tokens: int | None = None, progress: bool = True) -> dict:
-    """Answer every input line not yet answered in output_path. Returns counts."""
-    input_path, output_path = Path(input_path), Path(output_path)
-    if not input_path.is_file():
-        raise ValueError(f"--input {input_path}: no such file")
+def run_batch(llm, input_path, output_path, max_tokens: int | None = None, progress: bool = True,
+              retry_errors: bool = False) -> dict:
+    """Answer every input line not yet answered in output_path. Returns counts. retry_errors: lines
+    answered by an error record are redone (their error records are dropped first)."""
+    input_path, output_path = check_paths(input_path, output_path)
+    lock = _Lock(output_path)
+    try:
+        retried = _drop_error_records(output_path) if retry_errors else 0
+        return _run(llm, input_path, output_path, max_tokens, progress, retried)
+    finally:
+        lock.release()
+
+
+def _run(llm, input_path: Path, output_path: Path, max_tokens, progress: bool, retried: int) -> dict:
     done = answered(output_path)
     todo = [e for e in read_entries(input_path) if e.key not in done]
     defaults = protocol.generation_defaults(llm.model_dir)
@@ -162,8 +345,8 @@ def run_batch(llm, input_path, output_path, max_tokens: int | None = None, progr
     window = 2 * engine.max_batch              # requests held in the engine at once
     writer = _Writer(output_path)
     bar = tqdm(total=len(todo), desc="batch", unit="req", disable=not progress, dynamic_ncols=True)
-    live: dict[str, tuple] = {}                 # request id -> (entry, chat args, text parts, token ids)
-    counts = {"skipped": len(done), "results": 0, "errors": 0}
+    live: dict[str, tuple] = {}                 # request id -> (entry, chat args, text parts, token ids, logprobs)
+    counts = {"skipped": len(done), "results": 0, "errors": 0, "retried": retried}
     t0, n_tokens = time.perf_counter(), 0
     pending = iter(todo)
     try:
@@ -173,15 +356,16 @@ def run_batch(llm, input_path, output_path, max_tokens: int | None = None, progr
                 if e is None:
                     break
                 if e.error is None:
-                    try:
-                        prompt, params, args = _prepare(llm, e, defaults, max_tokens)
-                        rid = engine.add_request(prompt, params)
-                        live[rid] = (e, args, [], [])
-                        continue
-                    except FieldError as err:
-                        e.error, e.param = f"line {e.line}: {err.message}", err.param
-                    except ValueError as err:          # the engine's: too long, bad ids
-                        e.error, e.param = f"line {e.line}: {err}", "messages" if "messages" in e.request else "prompt"
+                    got = prepare_entry(llm, e, defaults, max_tokens)
+                    if got is not None:
+                        prompt, params, args = got
+                        try:
+                            rid = engine.add_request(prompt, params)
+                            live[rid] = (e, args, [], [], [] if params.logprobs is not None else None)
+                            continue
+                        except ValueError as err:          # the engine's: too long, bad ids
+                            e.error = f"line {e.line}: {err}"
+                            e.param = "messages" if "messages" in e.request else "prompt"
                 writer.error(e)
                 counts["errors"] += 1
                 bar.update(1)
@@ -190,14 +374,17 @@ def run_batch(llm, input_path, output_path, max_tokens: int | None = None, progr
             for d in engine.step():
                 if d.request_id not in live:
                     continue
-                e, args, parts, ids = live[d.request_id]
+                e, args, parts, ids, lps = live[d.request_id]
                 parts.append(d.text)
                 ids += d.token_ids
+                if lps is not None:
+                    lps += getattr(d, "logprobs", None) or []
                 n_tokens += len(d.token_ids)
                 if d.finish_reason is not None:
                     del live[d.request_id]
-                    writer.write(_result(e, args, "".join(parts), ids, d))
-                    counts["results"] += 1
+                    rec = _result(e, args, "".join(parts), ids, d, lps, llm.tokenizer)
+                    writer.write(rec)
+                    counts["errors" if "error" in rec else "results"] += 1
                     bar.update(1)
             bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.1f} tok/s", refresh=False)
     finally:                                   # Ctrl-C: what finished is on disk; the rest reruns

@@ -8,16 +8,21 @@
     hybrid profile MODEL_DIR --prompts FILE       routing counts for --gpu-experts (hybrid/apps/profile.py)
     hybrid bench generate|experts [ARGS]          tools/bench_generate.py, tools/bench_experts.py
 
-Model options shared by chat / serve / batch / demo: --device, --expert-backend, --max-context,
---max-batch, --threads. Checked by tests/test_cli.py.
+Model options shared by chat / serve / batch / demo: --device, --expert-backend, --max-context (also
+--max-model-len; default: the longest the memory plan allows, up to the model's maximum), --max-batch
+(chat: 1, others: 16), --threads. `--version`; user mistakes (paths, values, sizes without a unit) are
+one line on stderr with exit status 2, `--debug` (anywhere, or HYBRID_DEBUG=1) shows the traceback.
+Checked by tests/test_cli.py, tests/test_plan.py (`hybrid plan`), tests/test_terminal_chat.py.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import runpy
 import sys
+import traceback
 from pathlib import Path
 
 BENCHES = {"generate": "bench_generate", "experts": "bench_experts"}
@@ -28,8 +33,13 @@ def _model_options() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (default: auto)")
     g.add_argument("--expert-backend", default="auto", help="routed-expert CPU backend: auto, numba, torch, ...")
-    g.add_argument("--max-context", type=int, default=4096, help="tokens per sequence (default: 4096)")
-    g.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default: 16)")
+    g.add_argument("--max-context", "--max-model-len", dest="max_context", type=int, default=None,
+                   help="tokens per sequence, prompt + answer (default: the longest the memory plan allows "
+                        "with --max-batch sequences, up to the model's maximum)")
+    g.add_argument("--max-batch", type=int, default=None, help="sequences decoded together (default: chat 1, "
+                                                                 "others 16)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "fp8", "int8"],
+                   help="KV cache: auto (the model dtype) or 8 bits (half the memory)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for the experts (default: all)")
     g.add_argument("--expert-act-format", default=None, choices=["int8", "int8x2"],
                    help="activations of the numba expert kernels (int8x2: more exact, slower prefill)")
@@ -52,8 +62,13 @@ def _model_options() -> argparse.ArgumentParser:
 def _sampling_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--temperature", type=float, default=None, help="(default: the checkpoint's "
+                   "generation_config.json, else 1.0; /set temperature 0.6 inside the chat)")
     g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None, help="reproducible sampling")
     g.add_argument("--max-tokens", type=int, default=None, help="per answer (default: until it ends)")
     g.add_argument("--ignore-eos", action="store_true", help="generate past the end token (benchmarks, tests)")
     return p
@@ -62,6 +77,8 @@ def _sampling_options() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrid", description="CPU/GPU hybrid inference for Kimi K2.6-class "
                                      "MoE models. Start with `hybrid demo`.")
+    parser.add_argument("--version", action="version", version=f"hybrid {version()}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (any command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     model, sampling = _model_options(), _sampling_options()
 
@@ -87,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="JSONL: one {id, messages|prompt, ...} per line")
     p.add_argument("--output", required=True, help="JSONL results, appended; rerun to resume")
     p.add_argument("--max-tokens", type=int, default=None, help="for lines that set none (default: until it ends)")
+    p.add_argument("--retry-errors", action="store_true", help="redo lines answered by an error record")
     p.add_argument("--no-progress", action="store_true")
 
     sub.add_parser("plan", help="will a checkpoint fit this machine, and where do the experts go",
@@ -96,46 +114,163 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+        return dist_version("hybrid")
+    except PackageNotFoundError:
+        return "0.1.0 (not installed)"
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def _check_model_dir(args, needs_tokenizer: bool) -> None:
+    """User mistakes found before minutes of loading: the folder, config.json, the tokenizer, the context."""
+    d = Path(args.model_dir)
+    if not d.is_dir():
+        raise ValueError(f"{args.model_dir}: no such directory (pass a checkpoint folder holding config.json)")
+    if not (d / "config.json").is_file():
+        raise ValueError(f"{args.model_dir}: no config.json here; is it a Hugging Face checkpoint folder?")
+    if not (d / "tiktoken.model").is_file():
+        if needs_tokenizer:
+            raise ValueError(f"{args.model_dir}: no tiktoken.model, and chat needs the tokenizer "
+                             "(copy the checkpoint's tokenizer files into the folder)")
+        _say(f"note: {args.model_dir} has no tiktoken.model: only token-id prompts will work")
+
+
+def resolve_context(args, config, device: str) -> None:
+    """Fill args.max_batch (chat 1, others 16) and args.max_context (default: the plan's longest);
+    refuse a context above the model's maximum and --gpu-experts without a GPU."""
+    from hybrid import plan
+    if args.max_batch is None:
+        args.max_batch = 1 if args.command == "chat" else 16
+    top = config.max_position_embeddings
+    if args.max_context is not None and not 1 < args.max_context <= top:
+        raise ValueError(f"--max-context {args.max_context}: the model takes 2..{top} tokens (max_position_embeddings)")
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch {args.max_batch}: must be >= 1")
+    mem = plan.machine_memory()
+    on_gpu = device.startswith("cuda") or (device == "auto" and mem["gpu_mem_bytes"] > 0)
+    if args.gpu_experts and not on_gpu:
+        raise ValueError(f"--gpu-experts {args.gpu_experts} keeps experts on a GPU, and "
+                         + ("--device is cpu" if device == "cpu" else "torch sees no CUDA GPU here")
+                         + "; leave it out (the experts run on the CPU)")
+    if getattr(args, "expert_streaming", "off") != "off" and not on_gpu:
+        _say(f"note: --expert-streaming {args.expert_streaming} has no GPU to stream to; the experts stay on the CPU")
+    if args.max_context is None:
+        gpu = mem["gpu_mem_bytes"] if on_gpu else 0
+        backend = "numba" if args.expert_backend == "auto" else args.expert_backend
+        args.max_context = plan.default_max_context(
+            config, gpu, mem["ram_bytes"], batch=args.max_batch, gpu_weights=args.gpu_weights,
+            gpu_experts=args.gpu_experts, expert_backend=backend if backend in plan.BACKENDS else "numba",
+            kv_cache_dtype=args.kv_cache_dtype)
+        _say(f"context: {args.max_context} tokens per sequence x {args.max_batch} "
+             + ("(the model's maximum)" if args.max_context == top else
+                f"(the longest that fits this machine; the model takes up to {top})")
+             + "; --max-context to change")
+
+
+def _cache_state(folder: Path) -> dict:
+    return {m.parent.name: m.stat().st_mtime_ns for m in folder.glob("layer*/manifest.json")} if folder.is_dir() else {}
+
+
 def load_llm(args, progress: bool = True):
+    from hybrid.config import load_config
     from hybrid.llm import LLM
-    return LLM(args.model_dir, device=args.device, expert_backend=args.expert_backend,
-               expert_act_format=args.expert_act_format, num_threads=args.threads,
-               accel_threads=args.accel_threads, max_batch=args.max_batch, max_context=args.max_context,
-               dtype=args.dtype,
-               gpu_weights=args.gpu_weights, gpu_experts=args.gpu_experts, expert_streaming=args.expert_streaming,
-               expert_cache=args.expert_cache,
-               progress=progress)
+    _check_model_dir(args, needs_tokenizer=args.command == "chat")
+    config = load_config(args.model_dir)
+    resolve_context(args, config, args.device)
+    extra = {}
+    if args.kv_cache_dtype != "auto":
+        if "kv_cache_dtype" not in inspect.signature(LLM.__init__).parameters:
+            raise ValueError(f"--kv-cache-dtype {args.kv_cache_dtype}: this build's engine has no 8-bit KV cache yet")
+        extra["kv_cache_dtype"] = args.kv_cache_dtype
+    cache = None
+    if args.expert_cache:
+        cache = Path(args.model_dir) / ".hybrid-cache" if args.expert_cache is True else Path(args.expert_cache)
+        before = _cache_state(cache)
+    llm = LLM(args.model_dir, device=args.device, expert_backend=args.expert_backend,
+              expert_act_format=args.expert_act_format, num_threads=args.threads,
+              accel_threads=args.accel_threads, max_batch=args.max_batch, max_context=args.max_context,
+              dtype=args.dtype, gpu_weights=args.gpu_weights, gpu_experts=args.gpu_experts,
+              expert_streaming=args.expert_streaming, expert_cache=args.expert_cache, progress=progress, **extra)
+    if cache is not None:
+        after = _cache_state(cache)
+        written = sum(1 for k, t in after.items() if before.get(k) != t)
+        used = sum(1 for k, t in after.items() if before.get(k) == t)
+        _say(f"expert cache {cache}: " + (f"used {used} layers (memory-mapped)" if used else "")
+             + (", " if used and written else "")
+             + (f"wrote {written} layers (the next start memory-maps them)" if written else "")
+             + ("nothing cached (no MoE layer)" if not used and not written else ""))
+    return llm
+
+
+def _plan_parser():
+    from hybrid import plan
+    ap = argparse.ArgumentParser(prog="hybrid plan", description="memory plan and tok/s estimate for a checkpoint "
+                                 "(a directory holding config.json is enough); exit status 0 if it fits, 1 if not")
+    ap.add_argument("model_dir")
+    ap.add_argument("--gpu-mem", help="GPU memory with a unit, e.g. 24GB (default: this machine's; 0 = no GPU)")
+    ap.add_argument("--ram", help="RAM with a unit, e.g. 512GB (default: this machine's)")
+    ap.add_argument("--max-context", "--max-model-len", "--context", dest="max_context", type=int, default=None,
+                    help="tokens per sequence (default: the longest that fits, as chat and serve choose it)")
+    ap.add_argument("--max-batch", "--batch", dest="max_batch", type=int, default=1,
+                    help="sequences with a full context each (default 1; serve's default is 16)")
+    ap.add_argument("--gpu-weights", choices=plan.GPU_FORMATS, default="bf16")
+    ap.add_argument("--gpu-experts", type=int, default=0, help="routed experts kept on the GPU (INT4)")
+    ap.add_argument("--kv-cache-dtype", choices=plan.KV_DTYPES, default="auto",
+                    help="auto (the model dtype: bf16 on a GPU, fp32 on the CPU), bf16, or 8 bits (fp8, int8)")
+    ap.add_argument("--expert-backend", default="auto", help="the RAM an expert takes depends on it: "
+                    "auto, numba, kt (INT4) or torch, ref (dequantized, 8x)")
+    ap.add_argument("--hw", help="JSON file of measured rates (tools/bench_experts.py --json, plus pcie_gbs, "
+                    "gpu_bandwidth_gbs, gpu_tflops); default: stated default rates, marked as an estimate")
+    ap.add_argument("--prefill-tokens", type=int, help="prompt length for the prefill estimate "
+                    "(default min(context, 8192))")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    return ap
 
 
 def cli_plan(argv: list[str] | None = None) -> int:
-    """`hybrid plan MODEL_DIR [...]`: prints the plan (or --json); returns 0 if it fits, 1 if not."""
+    """`hybrid plan MODEL_DIR [...]`: prints the plan (or --json); returns 0 if it fits, 1 if not.
+    Bad input raises ValueError (main() prints it as one line)."""
     from hybrid import plan
     from hybrid.config import load_config
-    ap = argparse.ArgumentParser(prog="hybrid plan", description="memory plan and tok/s prediction for a checkpoint "
-                                 "(a directory holding config.json is enough)")
-    ap.add_argument("model_dir")
-    ap.add_argument("--gpu-mem", help="GPU memory, e.g. 24GB (default: this machine's; 0 = no GPU)")
-    ap.add_argument("--ram", help="RAM, e.g. 512GB (default: this machine's)")
-    ap.add_argument("--context", type=int, default=65536, help="tokens of KV cache per sequence (default 65536)")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--gpu-weights", choices=plan.GPU_FORMATS, default="bf16")
-    ap.add_argument("--gpu-experts", type=int, default=0, help="routed experts kept on the GPU (INT4)")
-    ap.add_argument("--expert-backend", default="auto", help="the RAM an expert takes depends on it: "
-                    "auto, numba, kt (INT4) or torch, ref (dequantized, 8x)")
-    ap.add_argument("--hw", help="JSON file of measured rates: " + ", ".join(plan.Hardware.KEYS))
-    ap.add_argument("--prefill-tokens", type=int, help="prompt length for the prefill prediction "
-                    "(default min(context, 8192))")
-    ap.add_argument("--json", action="store_true", help="print one JSON object")
-    args = ap.parse_args(argv)
+    args = _plan_parser().parse_args(argv)
+    if not Path(args.model_dir).is_dir():
+        raise ValueError(f"{args.model_dir}: no such directory (pass a folder holding the checkpoint's config.json)")
     config = load_config(args.model_dir)
     mem = plan.machine_memory() if args.gpu_mem is None or args.ram is None else {}
     gpu_mem = plan.parse_size(args.gpu_mem) if args.gpu_mem is not None else mem["gpu_mem_bytes"]
     ram = plan.parse_size(args.ram) if args.ram is not None else mem["ram_bytes"]
-    hw = plan.Hardware.from_dict(json.loads(Path(args.hw).read_text())) if args.hw else None
-    p = plan.make_plan(config, gpu_mem_bytes=gpu_mem, ram_bytes=ram, context=args.context, batch=args.batch,
-                     gpu_weights=args.gpu_weights, gpu_experts=args.gpu_experts, hw=hw,
-                     prefill_tokens=args.prefill_tokens, expert_backend=args.expert_backend)
-    print(json.dumps(plan.plan_to_json(p)) if args.json else plan.format_plan(p))
+    if args.hw:
+        try:
+            hw = plan.Hardware.from_dict(json.loads(Path(args.hw).read_text()))
+        except OSError as e:
+            raise ValueError(f"--hw {args.hw}: {e.strerror or e}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--hw {args.hw}: not JSON ({e})") from None
+    kw = dict(gpu_mem_bytes=gpu_mem, ram_bytes=ram, batch=args.max_batch, gpu_weights=args.gpu_weights,
+              gpu_experts=args.gpu_experts, expert_backend=args.expert_backend, kv_cache_dtype=args.kv_cache_dtype)
+    context, chosen = args.max_context, args.max_context is None
+    if chosen:
+        try:
+            context = plan.default_max_context(config, **{**kw, "expert_backend": "numba" if args.expert_backend
+                                                          == "auto" else args.expert_backend})
+        except plan.PlanError:
+            context = min(plan.MIN_CONTEXT, config.max_position_embeddings)
+    p = plan.make_plan(config, context=context, prefill_tokens=args.prefill_tokens,
+                       hw=hw if args.hw else plan.DEFAULT_HW, hw_source=f"--hw {args.hw}" if args.hw else "default rates",
+                       **kw)
+    if args.json:
+        print(json.dumps(plan.plan_to_json(p)))
+    else:
+        print(plan.format_plan(p))
+        if chosen:
+            print(f"context {context}: " + ("the longest that fits (chat and serve choose it when --max-context "
+                  f"is not given; the model takes up to {config.max_position_embeddings})" if p.fits else
+                  "no --max-context given and none fits: planned at the shortest offered"))
     return 0 if p.fits else 1
 
 
@@ -161,34 +296,45 @@ def _run_bench(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("HYBRID_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    name = argv[0] if argv and not argv[0].startswith("-") else ""
+    from hybrid.plan import PlanError
+    try:
+        return _main(argv)
+    except PlanError as e:                         # would not fit: the plan and the advice
+        if debug:
+            raise
+        _say(f"hybrid {name}: the model does not fit this machine:\n{e}")
+        return 2
+    except (ValueError, OSError) as e:             # user mistakes (paths, values): one line, no traceback
+        if debug:
+            raise
+        where = f"{e.filename}: " if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e) else ""
+        _say(f"hybrid {name}: error: {where}{e.strerror if isinstance(e, OSError) and e.strerror else e}"
+             + "   (--debug shows the traceback)")
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        _say(f"\nhybrid {name}: interrupted")
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] == "plan":                # its own options (cli_plan above)
         return cli_plan(argv[1:])
     if argv and argv[0] == "bench":
         return _run_bench(argv[1:])
     if argv and argv[0] == "profile":             # its own options, parsed by hybrid/apps/profile.py
         from hybrid.apps.profile import cli_profile
-        try:
-            return cli_profile(argv[1:])
-        except ValueError as e:
-            print(f"hybrid profile: error: {e}", file=sys.stderr)
-            return 2
+        return cli_profile(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    from hybrid.plan import PlanError
-    try:
-        return _dispatch(args) or 0
-    except ValueError as e:                        # bad user input: say what, no traceback
-        print(f"hybrid {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except PlanError as e:                         # would not fit: the plan and the advice
-        print(f"hybrid {args.command}: the model does not fit this machine:\n{e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\nhybrid {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return _dispatch(args) or 0
 
 
 def _dispatch(args) -> int | None:
@@ -196,25 +342,26 @@ def _dispatch(args) -> int | None:
         from hybrid.apps.demo import run_demo
         run_demo(args.device, args.expert_backend, args.threads, args.max_tokens)
     elif args.command == "chat":
-        from hybrid.sampling import SamplingParams
-        from hybrid.apps.terminal_chat import run_chat
-        llm = load_llm(args)
         from hybrid.apps.openai_protocol import generation_defaults
-        kw = {**generation_defaults(llm.model_dir),
-              **{k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}}
-        run_chat(llm, thinking=not args.no_think, system=args.system,
-                 sampling=SamplingParams(max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, **kw))
+        from hybrid.apps.terminal_chat import run_chat
+        from hybrid.sampling import SamplingParams
+        sampling = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                                                    "seed") if getattr(args, k) is not None}
+        kw = {**(generation_defaults(args.model_dir) if Path(args.model_dir).is_dir() else {}), **sampling}
+        params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, **kw)   # checked before loading
+        llm = load_llm(args)
+        run_chat(llm, thinking=not args.no_think, system=args.system, sampling=params)
     elif args.command == "serve":
         from hybrid.apps.server import serve
         llm = load_llm(args)
         name = args.served_model_name or Path(args.model_dir).resolve().name
         serve(llm, name, args.host, args.port, args.api_key, args.log_level)
     elif args.command == "batch":
-        from hybrid.apps.batch import run_batch
-        if not Path(args.input).is_file():         # before minutes of loading
-            raise ValueError(f"--input {args.input}: no such file")
+        from hybrid.apps.batch import check_paths, run_batch
+        check_paths(args.input, args.output)       # before minutes of loading (BatchPathError is a ValueError)
         llm = load_llm(args, progress=not args.no_progress)
-        counts = run_batch(llm, args.input, args.output, args.max_tokens, progress=not args.no_progress)
+        counts = run_batch(llm, args.input, args.output, args.max_tokens, progress=not args.no_progress,
+                           retry_errors=args.retry_errors)
         print(f"batch: {counts['results']} results, {counts['errors']} error records, "
               f"{counts['skipped']} already done; {counts['tokens_per_s']:.1f} tok/s -> {args.output}")
     return 0

@@ -2,7 +2,8 @@
 K2.6 layout, tokenizer and chat template) into the cache folder if it is not there, loads it, shows
 where everything was placed, and runs a short two-turn chat through the whole path (template ->
 engine -> MLA attention + MoE with CPU experts -> sampler -> parser), streamed, with tokens/s and
-the second turn's KV-cache reuse. The text is gibberish: the weights are random.
+the second turn's KV-cache reuse, then one image turn (a generated picture through the MoonViT tower
+and projector into the prompt). The text is gibberish: the weights are random.
 Checked by tests/test_cli.py::test_demo_end_to_end.
 """
 from __future__ import annotations
@@ -28,7 +29,9 @@ def ensure_tiny_checkpoint(console: Console) -> Path:
     never leaves a half checkpoint behind)."""
     from hybrid.synthetic import write_checkpoint
     path = cache_dir() / DEMO_NAME
-    if (path / "config.json").is_file() and (path / "model.safetensors.index.json").is_file():
+    from hybrid.model.vision import has_vision_weights
+    if (path / "config.json").is_file() and (path / "model.safetensors.index.json").is_file() \
+            and has_vision_weights(path):           # (a demo cache from before images is rewritten)
         console.print(f"checkpoint: {path} (cached)")
         return path
     tmp = path.with_name(f"{DEMO_NAME}.tmp-{os.getpid()}")
@@ -68,6 +71,30 @@ def placement_report(llm) -> list[str]:
     ]
 
 
+def demo_image(side: int = 224):
+    """A small generated picture (colour gradient with a disc), as a PIL image."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (side, side))
+    img.putdata([(x * 255 // side, y * 255 // side, 128) for y in range(side) for x in range(side)])
+    ImageDraw.Draw(img).ellipse((side // 4, side // 4, 3 * side // 4, 3 * side // 4), fill=(250, 220, 40))
+    return img
+
+
+def image_turn(llm, console: Console, messages: list, sampling: SamplingParams) -> None:
+    from hybrid.apps.terminal_chat import stream_turn
+    img = demo_image()
+    question = "What is in this picture?"
+    messages.append({"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": question}]})
+    t0 = time.perf_counter()
+    _, media = llm.chat_inputs(messages)
+    n = sum(m.embeds.shape[0] for m in media)
+    console.print(f"\nuser: [image {img.width}x{img.height} -> {n} tokens, vision tower "
+                  f"{time.perf_counter() - t0:.2f} s] {question}", style="bold", markup=False)
+    console.print("assistant: ", style="bold", end="")
+    result, _ = stream_turn(llm, console, messages, sampling, thinking=False)
+    messages.append(result.message.to_dict())
+
+
 def run_demo(device: str = "auto", expert_backend: str = "auto", num_threads: int | None = None,
              max_tokens: int = 48, console: Console | None = None) -> None:
     from hybrid.llm import LLM
@@ -91,6 +118,8 @@ def run_demo(device: str = "auto", expert_backend: str = "auto", num_threads: in
         console.print("assistant: ", style="bold", end="")
         result, _ = stream_turn(llm, console, messages, sampling, thinking=turn == 1)
         messages.append(result.message.to_dict())
+    if llm.images is not None:
+        image_turn(llm, console, messages, sampling)
     console.print("\n(random weights, so the words are noise; the path they took is the real one)", style="dim")
     console.rule("next")
     console.print(

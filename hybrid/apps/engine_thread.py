@@ -2,7 +2,10 @@
 between steps, runs step() while anything is unfinished, and hands each delta to the sink its request
 registered (the server's sink moves it onto an asyncio queue with loop.call_soon_threadsafe).
 Requests added while others decode join the running batch at the next step (continuous batching).
-Checked by tests/test_server.py (concurrent requests share steps, disconnects abort).
+A sequence the engine finishes with finish_reason "error" (interface item 1: a failure of that sequence
+alone) reaches only its own sink; a whole step that raises fails the requests of that step, and the
+thread keeps serving. Checked by tests/test_server.py (concurrent requests share steps, disconnects
+abort) and tests/test_server_robust.py (one failing request among running streams).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ class EngineThread:
         self._thread: threading.Thread | None = None
         # steps: forwards run; max_batch_seen: most sequences that got a token from one step
         self.stats = {"steps": 0, "max_batch_seen": 0, "requests": 0, "finished": 0, "aborted": 0,
-                      "engine_errors": 0}
+                      "errors": 0, "engine_errors": 0}
 
     # ---- any thread --------------------------------------------------------------------
     def start(self) -> None:
@@ -46,9 +49,10 @@ class EngineThread:
         self._inbox.put(("abort", rid))
 
     def load(self) -> dict:
-        return {"running": len(self._sinks), **self.stats}
+        return {"running": len(self._sinks), "waiting": len(getattr(self.engine, "waiting", []) or []),
+                **self.stats}
 
-    async def add(self, prompt_ids: list[int], params, sink) -> str:
+    async def add(self, prompt_ids: list[int], params, sink, media=None) -> str:
         """Queue a request; returns its id once the engine accepted it, raises the engine's
         ValueError (empty / too long / bad ids) otherwise. sink(delta) runs in the engine thread."""
         loop = asyncio.get_running_loop()
@@ -60,7 +64,7 @@ class EngineThread:
                 if not accepted.done():
                     accepted.set_exception(err) if err else accepted.set_result(rid)
             loop.call_soon_threadsafe(settle)
-        self._inbox.put(("add", list(prompt_ids), params, rid, sink, reply))
+        self._inbox.put(("add", list(prompt_ids), params, rid, sink, reply, media))
         try:
             return await accepted
         except asyncio.CancelledError:
@@ -88,9 +92,12 @@ class EngineThread:
 
     def _handle(self, cmd) -> None:
         if cmd[0] == "add":
-            _, prompt, params, rid, sink, reply = cmd
+            _, prompt, params, rid, sink, reply, media = cmd
             try:
-                self.engine.add_request(prompt, params, request_id=rid)
+                if media:                           # images (hybrid/media): engine interface item 4
+                    self.engine.add_request(prompt, params, request_id=rid, media=media)
+                else:
+                    self.engine.add_request(prompt, params, request_id=rid)
             except ValueError as e:
                 reply(e)
                 return
@@ -115,7 +122,7 @@ class EngineThread:
             sink = self._sinks.get(d.request_id)
             if d.finish_reason is not None:
                 self._sinks.pop(d.request_id, None)
-                self.stats["aborted" if d.finish_reason == "abort" else "finished"] += 1
+                self.stats[{"abort": "aborted", "error": "errors"}.get(d.finish_reason, "finished")] += 1
             if sink is not None:
                 self._send(sink, d)
 

@@ -4,10 +4,11 @@
   k_nope and v, then ordinary causal attention;
 * absorbed form (decode): kv_b_proj is folded into the query (W_UK) and the output (W_UV), so the
   attention reads the 576-wide latent (c_kv | k_pe) directly, never per-head keys or values.
-Both read and write the latent cache (hybrid/model/kv_cache.py). The engine builds each forward's
-`Step` once (positions, causal masks, the decode rows' slots and lengths); the layers only index it.
+Both read and write the latent cache (hybrid/model/kv_cache.py: paged or contiguous, through its
+prefill / decode_write / decode). The engine builds each forward's `Step` once (positions, causal
+masks, the decode rows' cache rows, block tables and lengths); the layers only index it.
 tests/test_model.py checks the plain form against transformers and tests/test_engine.py checks
-absorbed decode against recompute.
+absorbed decode against recompute; tests/test_paged_cache.py paged against contiguous.
 
 T tokens (all sequences of a step packed together), H heads, R kv_lora_rank, P rope dim.
 """
@@ -19,8 +20,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-from gpu_kernels.mla_decode import mla_decode
 
 from hybrid.config import ModelConfig
 
@@ -84,8 +83,11 @@ class Rope:
 @dataclass
 class Step:
     """The T packed tokens of one forward, one entry per sequence in token order, with every tensor the
-    layers need built once here (by the engine, or `Step.single` for a lone prompt), not per layer."""
-    slots: list[int]           # cache row of each sequence
+    layers need built once here (by the engine, or `Step.single` for a lone prompt), not per layer.
+    Two cache addressings: `slots` (contiguous LatentCache: sequence i lives in cache row slots[i]) or,
+    when `block_tables` are given, paged (PagedLatentCache: token t of sequence i lives in cache row
+    block_tables[i][t // block_size] * block_size + t % block_size)."""
+    slots: list[int]           # cache row of each sequence (contiguous cache)
     starts: list[int]          # tokens already in the cache before this step (= position of its first new token)
     lengths: list[int]         # new tokens of each sequence this step (sum = T)
     positions: torch.Tensor    # [T] int64
@@ -95,9 +97,14 @@ class Step:
     decode_positions: torch.Tensor  # [B] the position each writes in the cache (start)
     decode_lengths: torch.Tensor   # [B] their cache lengths after this step (start + 1)
     decode_max_len: int = 0        # the longest of them (the decode kernel's split, without a device sync)
+    block_size: int = 0            # paged only (0: contiguous)
+    rows: list | None = None       # paged: per sequence [start+n] cache rows of its tokens 0..start+n-1 (None for decodes)
+    decode_block_table: torch.Tensor | None = None  # paged: [B, max blocks] int32 block ids (0-padded)
+    decode_cache_rows: torch.Tensor | None = None   # paged: [B] the cache row each decode writes
 
     @staticmethod
-    def build(slots: list[int], starts: list[int], lengths: list[int], device="cpu") -> "Step":
+    def build(slots: list[int], starts: list[int], lengths: list[int], device="cpu",
+              block_tables: list[list[int]] | None = None, block_size: int = 0) -> "Step":
         positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(device)
         masks = []
         for s, n in zip(starts, lengths):
@@ -109,10 +116,25 @@ class Step:
         offsets = list(itertools.accumulate(lengths, initial=0))           # first row of each sequence
         one = [i for i, n in enumerate(lengths) if n == 1]
         as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
-        return Step(slots, starts, lengths, positions, masks, as_tensor([offsets[i] for i in one]),
+        step = Step(slots, starts, lengths, positions, masks, as_tensor([offsets[i] for i in one]),
                     as_tensor([slots[i] for i in one]),
                     as_tensor([starts[i] for i in one]), as_tensor([starts[i] + 1 for i in one]),
                     max((starts[i] + 1 for i in one), default=0))
+        if block_tables is not None:
+            bs = step.block_size = block_size
+            rows = []
+            for i, (bt, s, n) in enumerate(zip(block_tables, starts, lengths)):
+                if n == 1:
+                    rows.append(None)
+                    continue
+                t = torch.arange(s + n)
+                rows.append((torch.tensor(bt, dtype=torch.long)[t // bs] * bs + t % bs).to(device))
+            step.rows = rows
+            width = max((len(block_tables[i]) for i in one), default=1)
+            table = [block_tables[i] + [0] * (width - len(block_tables[i])) for i in one]
+            step.decode_block_table = torch.tensor(table, dtype=torch.int32).reshape(len(one), width).to(device)
+            step.decode_cache_rows = as_tensor([block_tables[i][starts[i] // bs] * bs + starts[i] % bs for i in one])
+        return step
 
     @staticmethod
     def single(n_tokens: int, start: int = 0, slot: int = 0, device="cpu") -> "Step":
@@ -169,7 +191,7 @@ class MLAttention(nn.Module):
         o = q_nope.new_empty(T, self.h, self.vd)
         batched_decode = cache is not None and absorb is not False and len(step.decode_rows) > 0
         offset = 0
-        for slot, start, n, mask in zip(step.slots, step.starts, step.lengths, step.masks):
+        for i, (start, n, mask) in enumerate(zip(step.starts, step.lengths, step.masks)):
             tok = slice(offset, offset + n)
             offset += n
             if n == 1 and batched_decode:              # decode: one call below, over the latent cache
@@ -177,16 +199,14 @@ class MLAttention(nn.Module):
             if cache is None:
                 assert start == 0, "without a cache every sequence starts at position 0"
                 keys_c, keys_pe = c_kv[tok], k_pe[tok]
-            else:
-                cache.write(self.layer_idx, slot, start, c_kv[tok], k_pe[tok])
-                keys_c, keys_pe = cache.read(self.layer_idx, slot, start + n)   # [L, R], [L, P]
+            else:                                      # write the new rows, read all start+n keys back
+                keys_c, keys_pe = cache.prefill(self.layer_idx, step, i, c_kv[tok], k_pe[tok])
             attend = self._absorbed if absorb else self._plain
             o[tok] = attend(q_nope[tok], q_pe[tok], keys_c, keys_pe, mask)
         if batched_decode:
             rows = step.decode_rows
-            cache.write_rows(self.layer_idx, step.decode_slots, step.decode_positions, c_kv[rows], k_pe[rows])
-            o[rows] = self._decode(q_nope[rows], q_pe[rows], cache, step.decode_slots, step.decode_lengths,
-                                   step.decode_max_len)
+            cache.decode_write(self.layer_idx, step, c_kv[rows], k_pe[rows])
+            o[rows] = self._decode(q_nope[rows], q_pe[rows], cache, step)
         return self.o_proj(o.reshape(T, self.h * self.vd))
 
     def _w_uk_uv(self):
@@ -194,14 +214,13 @@ class MLAttention(nn.Module):
         split = self.h * self.nope
         return w[:split].view(self.h, self.nope, self.r), w[split:].view(self.h, self.vd, self.r)
 
-    def _decode(self, q_nope, q_pe, cache, slots, lengths, max_len=None):
-        """B one-token sequences in the absorbed form, one call over the latent cache
-        (gpu_kernels.mla_decode: Triton on CUDA, its torch reference elsewhere)."""
+    def _decode(self, q_nope, q_pe, cache, step):
+        """B one-token sequences in the absorbed form, one call over the latent cache (the cache's
+        decode: gpu_kernels.mla_decode / paged_mla_decode, Triton on CUDA, their torch reference elsewhere)."""
         w_uk, w_uv = self._w_uk_uv()
         # batched matmuls over the heads read the contiguous W_UK / W_UV in place
         q_lat = torch.matmul(q_nope.transpose(0, 1), w_uk).transpose(0, 1)       # [B, H, R]
-        o_lat = mla_decode(q_lat, q_pe, cache.ckv[self.layer_idx], cache.kpe[self.layer_idx], slots, lengths,
-                           self.scale, max_len, triton=self.triton)
+        o_lat = cache.decode(self.layer_idx, q_lat, q_pe, step, self.scale, triton=self.triton)
         o = torch.matmul(w_uv, o_lat.to(q_nope.dtype).permute(1, 2, 0))        # [H, V, B]
         return o.permute(2, 0, 1)                                                  # [B, H, V]
 

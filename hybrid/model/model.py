@@ -108,9 +108,15 @@ class KimiForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, step: Step, cache=None, absorb: bool | None = None,
-                logits_for: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [T] of the sequences in `step`; logits only at rows `logits_for` if given."""
+                logits_for: torch.Tensor | None = None, embeds=None) -> torch.Tensor:
+        """input_ids [T] of the sequences in `step`; logits only at rows `logits_for` if given.
+        embeds: (rows LongTensor [r], values [r, D]) -- these rows' input embeddings are replaced (image
+        features from hybrid/model/vision.py in place of their placeholder tokens)."""
         h = self.model.embed_tokens(input_ids)                              # [T, D]
+        if embeds is not None:
+            rows, values = embeds
+            if len(rows):
+                h[rows.to(h.device)] = values.to(device=h.device, dtype=h.dtype)
         cos, sin = self.rope.cos_sin(step.positions, h.dtype)               # [T, P]
         for layer in self.model.layers:
             h = layer(h, cos, sin, step, cache, absorb)

@@ -5,7 +5,7 @@ text_config, the real quantization_config and a vision_config), generation_confi
 model.safetensors.index.json, several shards, routed experts as compressed-tensors INT4
 (weight_packed / weight_scale / weight_shape), everything else bf16 (e_score_correction_bias fp32),
 and the tokenizer files. Layouts (LAYOUTS):
-    k2.6         the above
+    k2.6         the above, plus a MoonViT vision tower and projector (`vision_tower.*`, `mm_projector.*`, bf16)
     k2-thinking  the same weights, K2-Thinking's flat config (model_type kimi_k2)
     deepseek-v3  DeepSeek-V3's config (model_type deepseek_v3) and FP8 128x128 blocks for every Linear but
                  the router and lm_head (routed experts included; .weight float8_e4m3fn + .weight_scale_inv)
@@ -44,12 +44,16 @@ PRESETS = {
                  first_k_dense_replace=1, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
                  n_group=1, topk_group=1, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=16,
                  qk_rope_head_dim=8, v_head_dim=16, num_attention_heads=4, vocab_size=2304,
-                 max_position_embeddings=4096, rope_factor=64.0, beta_fast=32.0, shards=3),
+                 max_position_embeddings=4096, rope_factor=64.0, beta_fast=32.0, shards=3,
+                 vt_hidden_size=64, vt_num_hidden_layers=2, vt_num_attention_heads=4, vt_intermediate_size=96,
+                 init_pos_emb_height=8, init_pos_emb_width=8),
     "k2-slice": dict(hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=4,
                      first_k_dense_replace=1, n_routed_experts=64, num_experts_per_tok=8, n_shared_experts=1,
                      n_group=1, topk_group=1, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
                      qk_rope_head_dim=64, v_head_dim=128, num_attention_heads=64, vocab_size=16640,
-                     max_position_embeddings=262144, rope_factor=64.0, beta_fast=32.0, shards=8),
+                     max_position_embeddings=262144, rope_factor=64.0, beta_fast=32.0, shards=8,
+                     vt_hidden_size=1152, vt_num_hidden_layers=27, vt_num_attention_heads=16,
+                     vt_intermediate_size=4304, init_pos_emb_height=64, init_pos_emb_width=64),
 }
 LAYOUTS = ("k2.6", "k2-thinking", "deepseek-v3", "bf16")
 DEEPSEEK_LAYOUTS = ("deepseek-v3", "bf16")   # model_type deepseek_v3
@@ -106,11 +110,49 @@ def full_config(s: dict, layout: str) -> dict:
         "media_placeholder_token_id": n_ord + 21, "model_type": "kimi_k25", "pad_token_id": n_ord + 255,
         "quantization_config": copy.deepcopy(QUANT_CONFIG), "text_config": text, "tie_word_embeddings": False,
         "use_unified_vision_chunk": True, "video_placeholder": "<|kimi_k25_video_placeholder|>",
-        "vision_config": {"patch_size": 14, "vt_hidden_size": 1152, "vt_num_hidden_layers": 27,
-                          "vt_num_attention_heads": 16, "vt_intermediate_size": 4304, "merge_kernel_size": [2, 2],
-                          "mm_projector_type": "patchmerger", "mm_hidden_size": 1152,
-                          "text_hidden_size": s["hidden_size"]},
+        "vision_config": vision_config(s),
     }
+
+
+def vision_config(s: dict) -> dict:
+    """K2.6's `vision_config`, every key of the published file (tests/fixtures/kimi-k2.6), sizes from `s`."""
+    return {"init_pos_emb_height": s["init_pos_emb_height"], "init_pos_emb_time": 4,
+            "init_pos_emb_width": s["init_pos_emb_width"], "merge_kernel_size": [2, 2], "merge_type": "sd2_tpool",
+            "mm_hidden_size": s["vt_hidden_size"], "mm_projector_type": "patchmerger", "patch_size": 14,
+            "pos_emb_type": "divided_fixed", "projector_hidden_act": "gelu", "projector_ln_eps": 1e-05,
+            "text_hidden_size": s["hidden_size"], "video_attn_type": "spatial_temporal",
+            "vt_hidden_size": s["vt_hidden_size"], "vt_intermediate_size": s["vt_intermediate_size"],
+            "vt_num_attention_heads": s["vt_num_attention_heads"], "vt_num_hidden_layers": s["vt_num_hidden_layers"]}
+
+
+def _vision_tensors(s: dict, rnd: "_Weights") -> dict:
+    """MoonViT tower + patch-merger projector under K2.6's original tensor names (329 + 6 tensors at full
+    depth; docs/kimi_k2.md §6), bf16. Biases and LayerNorm shifts are non-zero so every one is exercised."""
+    d, i, p = s["vt_hidden_size"], s["vt_intermediate_size"], 14
+    m, out = 4 * d, s["hidden_size"]
+    g = rnd.g
+
+    def bias(n: int, std: float = 0.05) -> torch.Tensor:
+        return (std * torch.randn(n, generator=g)).to(torch.bfloat16)
+    t = {"vision_tower.patch_embed.proj.weight": (torch.randn(d, 3, p, p, generator=g) / (3 * p * p) ** 0.5
+                                                 ).to(torch.bfloat16),
+         "vision_tower.patch_embed.proj.bias": bias(d),
+         "vision_tower.patch_embed.pos_emb.weight": (0.5 * torch.randn(
+             s["init_pos_emb_height"], s["init_pos_emb_width"], d, generator=g)).to(torch.bfloat16)}
+    for k in range(s["vt_num_hidden_layers"]):
+        B = f"vision_tower.encoder.blocks.{k}"
+        for norm in ("norm0", "norm1"):
+            t[f"{B}.{norm}.weight"], t[f"{B}.{norm}.bias"] = rnd.norm(d), bias(d)
+        t[f"{B}.wqkv.weight"], t[f"{B}.wqkv.bias"] = rnd.dense(3 * d, d, gain=2.0), bias(3 * d)
+        t[f"{B}.wo.weight"], t[f"{B}.wo.bias"] = rnd.dense(d, d), bias(d)
+        t[f"{B}.mlp.fc0.weight"], t[f"{B}.mlp.fc0.bias"] = rnd.dense(i, d), bias(i)
+        t[f"{B}.mlp.fc1.weight"], t[f"{B}.mlp.fc1.bias"] = rnd.dense(d, i), bias(d)
+    t["vision_tower.encoder.final_layernorm.weight"] = rnd.norm(d)
+    t["vision_tower.encoder.final_layernorm.bias"] = bias(d)
+    t["mm_projector.pre_norm.weight"], t["mm_projector.pre_norm.bias"] = rnd.norm(d), bias(d)
+    t["mm_projector.proj.0.weight"], t["mm_projector.proj.0.bias"] = rnd.dense(m, m), bias(m)
+    t["mm_projector.proj.2.weight"], t["mm_projector.proj.2.bias"] = rnd.dense(out, m, gain=2.0), bias(out)
+    return t
 
 
 class _Weights:
@@ -234,6 +276,8 @@ def write_checkpoint(out_dir: str | Path, preset: str = "tiny", layout: str = "k
             else:
                 tensors.update(_layer_tensors(item, s, rnd, layout))
         tensors = {prefix + name: t.contiguous() for name, t in tensors.items()}
+        if k == 0 and layout == "k2.6":         # the vision side: top-level names, no language_model. prefix
+            tensors.update(_vision_tensors(s, _Weights(seed + 1)))
         save_file(tensors, str(out / names[k]), metadata={"format": "pt"})
         for name, t in tensors.items():
             weight_map[name] = names[k]

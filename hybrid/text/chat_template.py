@@ -91,6 +91,8 @@ def _check_content(content: Any, where: str) -> None:
                 raise _err(w + ".text", "text part needs a string 'text'")
         elif kind in ("image", "image_url") or "image" in part or "image_url" in part:
             continue
+        elif kind in ("video", "video_url"):
+            raise _err(w + ".type", "video input is not supported yet; send images (image_url parts)")
         else:
             raise _err(w + ".type", f"unknown content part type {kind!r}; allowed: "
                                     "'text', 'image', 'image_url'")

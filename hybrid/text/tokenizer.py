@@ -7,17 +7,25 @@ kept here because the real checkpoint only has it inside `tokenization_kimi.py`.
 BPE is tiktoken's algorithm: a pre-token that is itself a token maps to it directly, otherwise
 the adjacent pair with the lowest rank (leftmost on ties) is merged until none is left.
 Checked against the `tiktoken` package (test-only dependency) in tests/test_tokenizer.py.
+
+Bad tokenizer files raise TokenizerError (a ValueError) naming the file, the line or entry, and what is
+wrong (bad JSON, a bad `base64 rank` line, ranks that are not 0..n-1, a special token without content);
+`load_tokenizer(model_dir)` is what LLM calls: None for a folder with no tokenizer files at all (token ids
+only), a clear error for a folder whose tokenizer files are incomplete (no tiktoken.model).
 """
 from __future__ import annotations
 
-import base64
 import codecs
 import heapq
 import json
+import os
 from pathlib import Path
 from typing import Iterable
 
 import regex
+
+from hybrid.text.tokenizer_io import (TOKENIZER_FILES, TokenizerError, _read_json,  # noqa: F401 (re-exported)
+                                      load_tiktoken_bpe)
 
 # Kimi pre-tokenizer. `[X&&[^\p{Han}]]` (character-class intersection, needs regex V1 syntax)
 # is written in the equivalent lookahead form `(?:(?!\p{Han})[X])`, which also works for
@@ -75,18 +83,21 @@ def default_special_tokens(n_ordinary: int) -> dict[str, int]:
     return out
 
 
-def load_tiktoken_bpe(path: str | Path) -> dict[bytes, int]:
-    ranks: dict[bytes, int] = {}
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.split()
-            if len(parts) != 2:
-                raise ValueError(f"{path}:{lineno}: expected 'base64 rank', got {line[:60]!r}")
-            ranks[base64.b64decode(parts[0])] = int(parts[1])
-    return ranks
+def load_tokenizer(model_dir: str | Path) -> "Tokenizer | None":
+    """The checkpoint's tokenizer; None if the folder has no tokenizer files at all (token ids only).
+    A folder with some tokenizer files but no tiktoken.model is an error naming what is missing."""
+    model_dir = Path(model_dir)
+    present = [n for n in TOKENIZER_FILES if os.path.lexists(model_dir / n)]
+    if not present:
+        return None
+    if "tiktoken.model" not in present:
+        hint = (" (tokenizer.json is a Hugging Face fast tokenizer, which this runtime does not read)"
+                if "tokenizer.json" in present else "")
+        raise TokenizerError(f"{model_dir / 'tiktoken.model'} not found, but the folder has "
+                             f"{', '.join(present)}{hint}. A Kimi checkpoint ships its BPE ranks as "
+                             "tiktoken.model next to config.json: copy it from the original checkpoint, or "
+                             "remove the tokenizer files to run on token ids only")
+    return Tokenizer.from_pretrained(model_dir)
 
 
 def _split_long_runs(s: str, max_run: int) -> list[str]:
@@ -124,15 +135,17 @@ class Tokenizer:
                  pad_token: str = "[PAD]", unk_token: str = "[UNK]"):
         self.mergeable_ranks = mergeable_ranks
         self.n_ordinary = len(mergeable_ranks)
-        assert sorted(mergeable_ranks.values()) == list(range(self.n_ordinary)), \
-            "tiktoken ranks must be exactly 0..n-1"
+        if sorted(mergeable_ranks.values()) != list(range(self.n_ordinary)):
+            raise TokenizerError("tiktoken ranks must be exactly 0..n-1")
         self.special_tokens = dict(special_tokens)
         self.vocab_size = max([self.n_ordinary - 1, *self.special_tokens.values()]) + 1
         self._decoder: list[bytes] = [b""] * self.vocab_size
         for b, r in mergeable_ranks.items():
             self._decoder[r] = b
         for name, tid in self.special_tokens.items():
-            assert tid >= self.n_ordinary, f"special token {name} id {tid} collides with BPE ranks"
+            if not tid >= self.n_ordinary:
+                raise TokenizerError(f"special token {name!r} id {tid} collides with the BPE ranks "
+                                     f"0..{self.n_ordinary - 1}")
             self._decoder[tid] = name.encode("utf-8")
         self.special_ids = frozenset(self.special_tokens.values())
         self.id_to_special = {v: k for k, v in self.special_tokens.items()}
@@ -171,20 +184,28 @@ class Tokenizer:
     def from_pretrained(cls, model_dir: str | Path) -> "Tokenizer":
         model_dir = Path(model_dir)
         model_file = model_dir / "tiktoken.model"
-        if not model_file.is_file():
+        if not os.path.lexists(model_file):
             raise FileNotFoundError(f"{model_file} not found. HINT: a Kimi checkpoint ships its "
                                     "BPE ranks as tiktoken.model next to config.json")
         ranks = load_tiktoken_bpe(model_file)
         n = len(ranks)
         special = default_special_tokens(n)
         cfg_file = model_dir / "tokenizer_config.json"
-        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-        for sid, entry in cfg.get("added_tokens_decoder", {}).items():
-            content = entry["content"] if isinstance(entry, dict) else entry
+        cfg = _read_json(cfg_file) if os.path.lexists(cfg_file) else {}
+        added = cfg.get("added_tokens_decoder", {})
+        if not isinstance(added, dict):
+            raise TokenizerError(f"{cfg_file}: 'added_tokens_decoder' must be an object of id -> token")
+        for sid, entry in added.items():
+            content = entry.get("content") if isinstance(entry, dict) else entry
+            if not isinstance(content, str) or not content:
+                raise TokenizerError(f"{cfg_file}: added_tokens_decoder[{sid!r}] has no 'content' string "
+                                     f"(got {json.dumps(entry)[:80]})")
+            if not sid.isdigit() or len(sid) > 12:
+                raise TokenizerError(f"{cfg_file}: added_tokens_decoder key {sid[:40]!r} is not a token id")
             tid = int(sid)
             if tid < n:
-                raise ValueError(f"{cfg_file}: added token {content!r} id {tid} < {n} "
-                                 "ordinary tokens")
+                raise TokenizerError(f"{cfg_file}: added token {content!r} id {tid} < {n} "
+                                     "ordinary tokens")
             old = [k for k, v in special.items() if v == tid]
             for k in old:
                 del special[k]
@@ -192,7 +213,11 @@ class Tokenizer:
 
         def tok(key, default):
             v = cfg.get(key, default)
-            return v.get("content", default) if isinstance(v, dict) else (v or default)
+            v = v.get("content", default) if isinstance(v, dict) else (v or default)
+            if not isinstance(v, str):
+                raise TokenizerError(f"{cfg_file}: '{key}' must be a string or {{'content': ...}}, "
+                                     f"got {json.dumps(v)[:80]}")
+            return v
         return cls(ranks, special, bos_token=tok("bos_token", "[BOS]"),
                    eos_token=tok("eos_token", "[EOS]"), pad_token=tok("pad_token", "[PAD]"),
                    unk_token=tok("unk_token", "[UNK]"))

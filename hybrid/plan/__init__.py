@@ -5,16 +5,18 @@
     print(format_plan(plan))     # `hybrid plan MODEL_DIR ...` is hybrid.apps.cli.cli_plan(argv)
 
 GPU: the accelerator-side weights (MLA, dense layers, shared experts, lm_head in bf16 or 8 bits per
-hybrid/model/int8_linear.py, kv_b_proj kept bf16; router fp32; norms and embeddings bf16), hot experts kept on the GPU in INT4,
-the latent KV cache (layers x context x (kv_lora_rank + rope dim) x 2 bytes x batch), two expert
-streaming buffers and a fixed reserve. RAM: the routed experts in INT4 (packed + bf16 scale per 32;
-bf16/fp8 checkpoints are quantized to INT4 at load, same size), pinned transfer buffers and a reserve.
-Sizes are binary: parse_size("24GB") is 24 GiB, the way memory is sold and reported.
-If it does not fit, `advice` lists what would, with the numbers. Tests: tests/test_plan.py.
+hybrid/model/int8_linear.py, kv_b_proj kept bf16; router fp32; norms and embeddings bf16), hot experts
+kept on the GPU in INT4, the latent KV cache (layers x context x batch x bytes per token: bf16
+(kv_lora_rank + rope dim) x 2, 8-bit (kv_lora_rank + rope dim) + two fp32 scales; "auto" is the model
+dtype, fp32 on a CPU-only machine), two expert streaming buffers and a fixed reserve. RAM: the routed
+experts in INT4 (packed + bf16 scale per 32; bf16/fp8 checkpoints are quantized to INT4 at load, same
+size), pinned transfer buffers and a reserve. Sizes are binary: parse_size("24GB") is 24 GiB.
+If it does not fit, `problem` names the part and `suggestions` the smallest changes that make it fit
+(hybrid/plan/advice.py, also default_max_context: the context chat / serve use when none is given).
+Tests: tests/test_plan.py.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,12 +28,22 @@ from hybrid.speed import Hardware, predict
 
 GIB = 1 << 30
 GPU_FORMATS = ("bf16", "int8", "fp8")
+KV_DTYPES = ("auto", "bf16", "fp8", "int8")
 GPU_RESERVE_BYTES = 2 * GIB       # CUDA context, allocator slack, activations of a step
 RAM_RESERVE_BYTES = 8 * GIB       # OS, Python + torch, page cache while reading shards
 KV_BYTES = 2                      # bf16 latent cache
+KV_SCALE_BYTES = 8                # 8-bit cache: an fp32 scale for the latent and one for the rope part
 PREFILL_CHUNK = 2048              # tokens per prefill step (sizes the pinned activation buffers)
 STREAM_CHUNK_EXPERTS = 32         # experts per streaming buffer (two buffers)
-MIN_CONTEXT = 1024                # shortest context the advice offers
+MIN_CONTEXT = 1024                # shortest context the advice offers (shorter models: their maximum)
+ROOM_CONVERSATION = 8192          # "M conversations of 8K" in the cache-room line
+# The flags of chat / serve / plan that each planned option maps to (the suggestions print these).
+FLAGS = {"context": "--max-context", "batch": "--max-batch", "gpu_weights": "--gpu-weights",
+         "gpu_experts": "--gpu-experts", "kv_cache_dtype": "--kv-cache-dtype", "expert_backend": "--expert-backend"}
+# Rates used for the tok/s estimate when no --hw file is given (a 2024 workstation, stated as such):
+# 8-channel DDR5 (~200 GB/s read of ~300 theoretical), PCIe 4.0 x16, an RTX 4090-class GPU.
+DEFAULT_HW = Hardware(ram_bandwidth_gbs=200.0, pcie_gbs=25.0, gpu_bandwidth_gbs=1000.0, cpu_kernel_efficiency=0.5,
+                      cpu_gflops=1000.0, gpu_tflops=80.0)
 
 
 class PlanError(RuntimeError):
@@ -62,10 +74,16 @@ class Plan:
     fits_ram: bool
     fits: bool
     expert_backend: str = "numba"      # RAM per CPU expert depends on it (torch / ref: dequantized, 8x)
-    advice: list = field(default_factory=list)
+    kv_cache_dtype: str = "auto"
+    max_position_embeddings: int = 0
+    problem: str = ""                  # what does not fit, the largest parts named
+    suggestions: list = field(default_factory=list)    # [{"changes": {option: value}, "flags": str, "text": str}]
+    advice: list = field(default_factory=list)         # problem + suggestion texts (for people)
+    cache_room: dict = field(default_factory=dict)     # tokens of KV cache that fit, by cache dtype
     parts: dict = field(default_factory=dict)          # accelerator-side bytes by part
     predicted_prefill_tok_s: float | None = None
     predicted_decode_tok_s: float | None = None
+    hw_source: str = ""                # "" (no prediction), "--hw FILE" or "default rates"
     prediction: dict = field(default_factory=dict)
 
 
@@ -113,21 +131,36 @@ def accelerator_parts(config: ModelConfig, fmt: str, dense_bytes: int = 2) -> di
     return out
 
 
-def kv_cache_bytes(config: ModelConfig, context: int, batch: int) -> int:
-    return config.num_hidden_layers * context * (config.kv_lora_rank + config.qk_rope_head_dim) * KV_BYTES * batch
+def kv_bytes_per_token(config: ModelConfig, kv_cache_dtype: str = "bf16", model_bytes: int = 2) -> int:
+    """Bytes of latent cache per token per layer (the formula of hybrid.model.kv_cache.cache_bytes_per_token):
+    bf16 (R + P) x 2; fp8 / int8 (R + P) x 1 + two fp32 scales; auto: the model dtype (`model_bytes`)."""
+    width = config.kv_lora_rank + config.qk_rope_head_dim
+    if kv_cache_dtype in ("fp8", "int8"):
+        return width + KV_SCALE_BYTES
+    if kv_cache_dtype not in ("auto", "bf16"):
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} unknown; choose one of {', '.join(KV_DTYPES)}")
+    return width * (KV_BYTES if kv_cache_dtype == "bf16" else model_bytes)
+
+
+def kv_cache_bytes(config: ModelConfig, context: int, batch: int, kv_cache_dtype: str = "bf16",
+                   model_bytes: int = 2) -> int:
+    return config.num_hidden_layers * context * batch * kv_bytes_per_token(config, kv_cache_dtype, model_bytes)
 
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtp]?)(i?b)?\s*$", re.I)
 
 
 def parse_size(text: str | int) -> int:
-    """'24GB', '24G', '24GiB', '1.5TB', '512m', '1000' (bytes) -> bytes; K/M/G/T/P are powers of 1024."""
+    """'24GB', '24G', '24GiB', '1.5TB', '512m', '0' -> bytes; K/M/G/T/P are powers of 1024. A number
+    without a unit (other than 0) is refused: '24' is far more often 24 GB meant than 24 bytes."""
     if isinstance(text, int):
         return text
     m = _SIZE.match(str(text))
     if not m:
-        raise ValueError(f"size {text!r} not understood; use e.g. 24GB, 512GiB, 1TB or a byte count")
+        raise ValueError(f"size {text!r} not understood; use e.g. 24GB, 512GiB or 1TB")
     value, unit = float(m.group(1)), m.group(2).lower()
+    if not unit and not m.group(3) and value != 0:
+        raise ValueError(f"size {text!r} has no unit: write {m.group(1)}GB (or 0 for none)")
     return int(value * 1024 ** " kmgtp".index(unit or " "))
 
 
@@ -152,7 +185,8 @@ def machine_memory() -> dict:
 
 
 # ---- the plan -----------------------------------------------------------------------------------
-def _layout(config, gpu_mem_bytes, context, batch, gpu_weights, gpu_experts, expert_backend="numba"):
+def _layout(config, gpu_mem_bytes, context, batch, gpu_weights, gpu_experts, expert_backend="numba",
+            kv_cache_dtype="auto"):
     on_gpu = gpu_mem_bytes > 0
     eb = expert_bytes(config)
     cpu_eb = expert_nbytes(expert_backend, config)      # 8x eb for the dequantizing torch / ref backends
@@ -163,7 +197,8 @@ def _layout(config, gpu_mem_bytes, context, batch, gpu_weights, gpu_experts, exp
     stream = 2 * min(STREAM_CHUNK_EXPERTS, config.n_routed_experts) * eb if on_gpu and config.num_moe_layers else 0
     pinned = (stream + 2 * PREFILL_CHUNK * config.hidden_size * (2 + 4) * batch) if on_gpu else 0
     return dict(on_gpu=on_gpu, parts=parts, gpu_weights_bytes=sum(parts.values()) + gpu_exp,
-                gpu_expert_bytes=gpu_exp, kv_cache_bytes=kv_cache_bytes(config, context, batch),
+                gpu_expert_bytes=gpu_exp,
+                kv_cache_bytes=kv_cache_bytes(config, context, batch, kv_cache_dtype, dense_bytes),
                 stream_buffer_bytes=stream, gpu_reserve_bytes=GPU_RESERVE_BYTES if on_gpu else 0,
                 cpu_expert_bytes=(n_experts - (gpu_exp // eb if eb else 0)) * cpu_eb, pinned_bytes=pinned,
                 ram_reserve_bytes=RAM_RESERVE_BYTES)
@@ -171,19 +206,26 @@ def _layout(config, gpu_mem_bytes, context, batch, gpu_weights, gpu_experts, exp
 
 def make_plan(config: ModelConfig, *, gpu_mem_bytes: int, ram_bytes: int, context: int, batch: int = 1,
               gpu_weights: str = "bf16", gpu_experts: int = 0, hw: Hardware | dict | None = None,
-              prefill_tokens: int | None = None, expert_backend: str = "numba") -> Plan:
-    """Bytes per device for this config and these settings, whether they fit, advice, and with `hw`
-    predicted tok/s. gpu_mem_bytes = 0 plans a CPU-only machine (everything in RAM)."""
+              prefill_tokens: int | None = None, expert_backend: str = "numba", kv_cache_dtype: str = "auto",
+              advise: bool = True, hw_source: str = "--hw") -> Plan:
+    """Bytes per device for this config and these settings, whether they fit, what does not and the
+    smallest changes that would (advise=False skips that), and with `hw` predicted tok/s.
+    gpu_mem_bytes = 0 plans a CPU-only machine (everything in RAM)."""
     if gpu_weights not in GPU_FORMATS:
         raise ValueError(f"gpu_weights {gpu_weights!r} is not supported; choose one of {', '.join(GPU_FORMATS)}")
+    if kv_cache_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} unknown; choose one of {', '.join(KV_DTYPES)}")
     if context < 1 or batch < 1 or gpu_experts < 0:
         raise ValueError(f"context ({context}) and batch ({batch}) must be >= 1, gpu_experts ({gpu_experts}) >= 0")
+    if gpu_mem_bytes < 0 or ram_bytes < 0:
+        raise ValueError("memory sizes must be >= 0")
     if context > config.max_position_embeddings:
-        raise ValueError(f"context {context} exceeds max_position_embeddings ({config.max_position_embeddings})")
+        raise ValueError(f"context {context} exceeds the model's maximum, max_position_embeddings "
+                         f"({config.max_position_embeddings})")
     if expert_backend not in BACKENDS and expert_backend != "auto":
         raise ValueError(f"expert_backend {expert_backend!r} unknown; choose one of auto, {', '.join(BACKENDS)}")
     expert_backend = "numba" if expert_backend == "auto" else expert_backend   # auto: an INT4 backend (numba | kt)
-    L = _layout(config, gpu_mem_bytes, context, batch, gpu_weights, gpu_experts, expert_backend)
+    L = _layout(config, gpu_mem_bytes, context, batch, gpu_weights, gpu_experts, expert_backend, kv_cache_dtype)
     device_side = L["gpu_weights_bytes"] + L["kv_cache_bytes"] + L["stream_buffer_bytes"] + L["gpu_reserve_bytes"]
     gpu_total = device_side if L["on_gpu"] else 0
     ram_total = L["cpu_expert_bytes"] + L["pinned_bytes"] + L["ram_reserve_bytes"] + (0 if L["on_gpu"] else device_side)
@@ -192,13 +234,18 @@ def make_plan(config: ModelConfig, *, gpu_mem_bytes: int, ram_bytes: int, contex
     plan = Plan(model=config.model_type, context=context, batch=batch, gpu_weights=gpu_weights,
                 gpu_experts=gpu_experts, gpu_mem_bytes=gpu_mem_bytes, ram_bytes=ram_bytes,
                 gpu_total_bytes=gpu_total, ram_total_bytes=ram_total, fits_gpu=fits_gpu, fits_ram=fits_ram,
-                fits=fits_gpu and fits_ram, expert_backend=expert_backend, **L)
-    if not plan.fits:
-        plan.advice = _advice(config, plan)
+                fits=fits_gpu and fits_ram, expert_backend=expert_backend, kv_cache_dtype=kv_cache_dtype,
+                max_position_embeddings=config.max_position_embeddings, **L)
+    if not advise:
+        return plan
+    advise_plan(config, plan)        # hybrid/plan/advice.py: cache room, problem, suggestions
     if hw is not None:
         hw = Hardware.from_dict(hw) if isinstance(hw, dict) else hw
         predict(config, plan, hw, prefill_tokens or min(context, 8192), expert_bytes=expert_bytes(config),
-                params=sum(n * k for shapes in linear_shapes(config).values() for n, k in shapes), kv_bytes=KV_BYTES)
+                params=sum(n * k for shapes in linear_shapes(config).values() for n, k in shapes),
+                kv_bytes=kv_bytes_per_token(config, kv_cache_dtype, 2 if plan.on_gpu else 4)
+                / (config.kv_lora_rank + config.qk_rope_head_dim))
+        plan.hw_source = hw_source
     return plan
 
 
@@ -206,80 +253,34 @@ def _gb(n: float) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
-def _max_context(config, plan: Plan, fmt: str, budget: int) -> int:
-    """Longest context (multiple of 1024) whose GPU total fits `budget`, with format `fmt`."""
-    L = _layout(config, plan.gpu_mem_bytes, 1, plan.batch, fmt, plan.gpu_experts, plan.expert_backend)
-    fixed = L["gpu_weights_bytes"] + L["stream_buffer_bytes"] + L["gpu_reserve_bytes"]
-    per_tok = kv_cache_bytes(config, 1, plan.batch)
-    ctx = (budget - fixed) // per_tok if budget > fixed else 0
-    return min(int(ctx) // 1024 * 1024, config.max_position_embeddings)
-
-
-def _advice(config, plan: Plan) -> list[str]:
-    out = []
-    eb = expert_bytes(config)
-    if plan.on_gpu and not plan.fits_gpu:
-        over = plan.gpu_total_bytes - plan.gpu_mem_bytes
-        out.append(f"GPU: needs {_gb(plan.gpu_total_bytes)} (weights {_gb(plan.gpu_weights_bytes)}, KV cache "
-                   f"{_gb(plan.kv_cache_bytes)} at context {plan.context}, streaming buffers "
-                   f"{_gb(plan.stream_buffer_bytes)}, reserve {_gb(plan.gpu_reserve_bytes)}), has "
-                   f"{_gb(plan.gpu_mem_bytes)}: {_gb(over)} over")
-        if plan.gpu_weights == "bf16":
-            alt = _layout(config, plan.gpu_mem_bytes, plan.context, plan.batch, "int8", plan.gpu_experts,
-                          plan.expert_backend)
-            total = plan.gpu_total_bytes - plan.gpu_weights_bytes + alt["gpu_weights_bytes"]
-            verdict = "fits" if total <= plan.gpu_mem_bytes else "still over"
-            out.append(f"8-bit GPU weights (--gpu-weights int8): weights {_gb(plan.gpu_weights_bytes)} -> "
-                       f"{_gb(alt['gpu_weights_bytes'])}, GPU total {_gb(total)}: {verdict}")
-        for fmt in dict.fromkeys([plan.gpu_weights, "int8"]):
-            ctx = _max_context(config, plan, fmt, plan.gpu_mem_bytes)
-            if ctx >= MIN_CONTEXT and ctx < plan.context:
-                flag = "" if fmt == plan.gpu_weights else f" with --gpu-weights {fmt}"
-                out.append(f"shorter context: --context {ctx}{flag} fits (KV cache "
-                           f"{_gb(kv_cache_bytes(config, ctx, plan.batch))})")
-        if plan.gpu_experts:
-            n = max(0, plan.gpu_experts - math.ceil(over / eb))
-            out.append(f"fewer GPU experts: --gpu-experts {n} frees {_gb((plan.gpu_experts - n) * eb)} "
-                       f"({_gb(eb)} per INT4 expert)")
-        if plan.batch > 1:
-            out.append(f"smaller batch: the KV cache is {_gb(plan.kv_cache_bytes / plan.batch)} per sequence")
-    if not plan.fits_ram:
-        short = plan.ram_total_bytes - plan.ram_bytes
-        need = plan.ram_total_bytes
-        out.append(f"RAM: needs {_gb(need)} (routed experts {_gb(plan.cpu_expert_bytes)}, pinned buffers "
-                   f"{_gb(plan.pinned_bytes)}, reserve {_gb(plan.ram_reserve_bytes)}"
-                   + ("" if plan.on_gpu else ", accelerator-side weights and KV cache in RAM")
-                   + f"), has {_gb(plan.ram_bytes)}: {_gb(short)} short")
-        cpu_eb = expert_nbytes(plan.expert_backend, config)     # RAM one expert frees when it moves
-        if cpu_eb > eb:
-            out.append(f"an INT4 expert backend (--expert-backend numba): the {plan.expert_backend} backend holds "
-                       f"every expert dequantized, {_gb(cpu_eb)} each instead of {_gb(eb)}")
-        n = math.ceil(short / cpu_eb)
-        free_gpu = plan.gpu_mem_bytes - plan.gpu_total_bytes
-        if plan.on_gpu and n * eb <= free_gpu:
-            out.append(f"more GPU experts: --gpu-experts {plan.gpu_experts + n} moves {_gb(n * eb)} of experts "
-                       f"to the GPU, which has {_gb(free_gpu)} free")
-        else:
-            out.append(f"the routed experts cannot be held here: this machine needs at least {_gb(need)} of RAM "
-                       f"(moving the missing {n} experts, {_gb(n * eb)}, to the GPU would need that much free "
-                       f"GPU memory; it has {_gb(max(free_gpu, 0))})")
-    return out
-
-
 # ---- output -------------------------------------------------------------------------------------
 def plan_to_json(plan: Plan) -> dict:
     return asdict(plan)
+
+
+def _room_line(plan: Plan) -> str:
+    top = plan.max_position_embeddings
+    out = []
+    for kind, n in plan.cache_room.items():
+        if n < 1:
+            out.append(f"{kind}: none")
+            continue
+        out.append(f"{kind}: {n} tokens = one {min(n, top)}-token conversation"
+                   + (f" (the model's maximum)" if n >= top else "")
+                   + f" or {n // ROOM_CONVERSATION} of {ROOM_CONVERSATION // 1024}K")
+    return "KV cache room (" + ("GPU" if plan.on_gpu else "RAM") + " left by the rest): " + "; ".join(out)
 
 
 def format_plan(plan: Plan) -> str:
     g = lambda n: f"{n / GIB:10.2f}"  # noqa: E731
     blank = " " * 10
     fmt = plan.gpu_weights if plan.on_gpu or plan.gpu_weights != "bf16" else "fp32 on the CPU"
+    kv = plan.kv_cache_dtype if plan.kv_cache_dtype != "auto" else ("bf16" if plan.on_gpu else "fp32")
     rows = [(f"accelerator-side weights ({fmt})",
              plan.gpu_weights_bytes - plan.gpu_expert_bytes, plan.on_gpu)]
     if plan.gpu_experts:
         rows.append((f"hot experts on the GPU ({plan.gpu_experts})", plan.gpu_expert_bytes, True))
-    rows += [(f"KV cache ({plan.context} tokens x {plan.batch})", plan.kv_cache_bytes, plan.on_gpu),
+    rows += [(f"KV cache ({kv}, {plan.context} tokens x {plan.batch})", plan.kv_cache_bytes, plan.on_gpu),
              ("expert streaming buffers", plan.stream_buffer_bytes, True),
              ("reserve (CUDA context, activations)", plan.gpu_reserve_bytes, True),
              ("routed experts, INT4 + scales" if plan.expert_backend in ("numba", "kt", "auto")
@@ -288,17 +289,23 @@ def format_plan(plan: Plan) -> str:
              ("reserve (OS, runtime, page cache)", plan.ram_reserve_bytes, False)]
     lines = [f"memory plan: {plan.model}, context {plan.context}, batch {plan.batch}, GPU weights "
              f"{plan.gpu_weights}" + ("" if plan.on_gpu else " (no GPU: everything in RAM)"),
-             f"{'':40s}{'GPU GiB':>10s}{'RAM GiB':>10s}"]
+             f"{'':44s}{'GPU GiB':>10s}{'RAM GiB':>10s}"]
     for name, n, gpu_side in rows:
         if n or name.startswith(("accelerator", "KV", "routed")):
-            lines.append(f"{name:40s}" + (g(n) + blank if gpu_side else blank + g(n)))
-    lines.append(f"{'total':40s}{g(plan.gpu_total_bytes)}{g(plan.ram_total_bytes)}")
-    lines.append(f"{'available':40s}{g(plan.gpu_mem_bytes)}{g(plan.ram_bytes)}")
+            lines.append(f"{name:44s}" + (g(n) + blank if gpu_side else blank + g(n)))
+    lines.append(f"{'total':44s}{g(plan.gpu_total_bytes)}{g(plan.ram_total_bytes)}")
+    lines.append(f"{'available':44s}{g(plan.gpu_mem_bytes)}{g(plan.ram_bytes)}")
     yes = lambda ok: f"{'yes' if ok else 'NO':>10s}"  # noqa: E731
-    lines.append(f"{'fits':40s}{yes(plan.fits_gpu) if plan.on_gpu else blank}{yes(plan.fits_ram)}")
-    if plan.advice:
-        lines.append("does not fit:" if not plan.fits else "advice:")
-        lines += [f"  - {a}" for a in plan.advice]
+    lines.append(f"{'fits':44s}{yes(plan.fits_gpu) if plan.on_gpu else blank}{yes(plan.fits_ram)}")
+    if plan.cache_room:
+        lines.append(_room_line(plan))
+    if not plan.fits:
+        lines.append(f"does not fit: {plan.problem}")
+        if plan.suggestions:
+            lines.append("smallest changes that fit (each checked by planning again):")
+            lines += [f"  - {s['text']}" for s in plan.suggestions]
+        else:
+            lines += [f"  - {a}" for a in plan.advice[1:]]
     if plan.predicted_decode_tok_s is not None:
         p = plan.prediction
         how = "experts streamed to the GPU" if p["prefill_experts_streamed"] else "experts on the CPU"
@@ -308,6 +315,13 @@ def format_plan(plan: Plan) -> str:
                      f"prompt, {how}" + (f"; streaming pays from {thr} tokens a layer" if thr else "") + "), "
                      f"decode {plan.predicted_decode_tok_s:.2f} tok/s (step: CPU experts {ms['cpu_experts']:.1f} ms, "
                      f"accelerator {ms['accelerator']:.1f} ms, transfers {ms['transfers']:.1f} ms)")
+        if plan.hw_source == "default rates":
+            h = DEFAULT_HW
+            lines.append(f"  (an estimate from default rates, not this machine's: RAM {h.ram_bandwidth_gbs:g} GB/s x "
+                         f"{h.cpu_kernel_efficiency:g}, CPU {h.cpu_gflops:g} GFLOP/s"
+                         + (f", PCIe {h.pcie_gbs:g} GB/s, GPU {h.gpu_bandwidth_gbs:g} GB/s, {h.gpu_tflops:g} TFLOP/s"
+                            if plan.on_gpu else "")
+                         + "; measure yours: tools/bench_experts.py --json > hw.json, then --hw hw.json)")
     return "\n".join(lines)
 
 
@@ -320,3 +334,6 @@ def check_before_load(config: ModelConfig, **kwargs) -> Plan:
     if not plan.fits:
         raise PlanError(format_plan(plan))
     return plan
+
+
+from hybrid.plan.advice import advise_plan, cache_room, default_max_context  # noqa: E402,F401  (uses the above)

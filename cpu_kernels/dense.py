@@ -1,0 +1,192 @@
+"""Numba matrix-vector kernels for dense Linears on the CPU (decode: a few rows), at the read bandwidth.
+
+    linear_bf16(w, x, y)          w uint16 [N, K] (bf16 bit patterns), x fp32 [T, K] -> y fp32 [T, N]
+    linear_int8(w, scale, x, y)   w int8 [N, K], scale fp32 [N] (per output channel), same x / y
+
+y[t, n] = sum_k x[t, k] * W[n, k] (int8: times scale[n]), accumulated in fp32. A decode step reads
+every weight once, so these are bandwidth-bound: bf16 is widened in registers (bits << 16 reinterpreted
+as fp32, exact) and int8 by a sign extension + int->float conversion, then FMAs; LLVM vectorizes the
+inner loop to the widest vectors the CPU offers (8 fp32 lanes with AVX2, 16 with AVX-512). Tokens go
+four at a time through one pass over a weight row (the row stays in L1/L2 for the next four), so
+4..16 rows cost about one read of the weights while compute allows. Work split: `prange` over blocks
+of ROWS_PER_ITEM output rows (all threads, GIL released).
+
+Why the 1-D helpers: inside a parfor, indexing the 2-D array element by element was not vectorized
+(measured ~10x slower); a row view w[n] passed to a small @njit dot function is.
+`linear_ref` (reference.py) is the plain numpy yardstick. Checked by tests/test_cpu_dense.py; speed by
+tools/bench_experts.py --dense.
+"""
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+ROWS_PER_ITEM = 16
+# Software prefetch distance in the weight stream, in bytes ahead of the row being read (0 = off);
+# as in moe_int4.py, the hardware prefetchers alone leave part of one thread's bandwidth unused.
+PREFETCH = 8192
+
+
+@intrinsic
+def _prefetch(typingctx, addr):
+    """Prefetch the cache line at an integer address (read, keep in all levels)."""
+    sig = types.void(types.int64)
+
+    def codegen(context, builder, signature, args):
+        i8p = ir.IntType(8).as_pointer()
+        fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(
+            ir.VoidType(), [i8p, ir.IntType(32), ir.IntType(32), ir.IntType(32)]))
+        i32 = ir.IntType(32)
+        builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(i32, 0), ir.Constant(i32, 3),
+                          ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(inline="always", nogil=True)
+def _prefetch_row(w, n, n1):
+    """Prefetch the bytes PREFETCH ahead of row n's start, one row's worth (stays inside rows < n1)."""
+    if PREFETCH:
+        rb = w.shape[1] * w.itemsize
+        start = n * rb + PREFETCH
+        end = min(start + rb, n1 * rb)
+        base = w.ctypes.data
+        for off in range(start, end, 64):
+            _prefetch(base + off)
+
+
+@intrinsic
+def _f32_from_bits(typingctx, v):
+    """Reinterpret an int32's bits as fp32 (LLVM bitcast; vectorizes with the loop around it)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(inline="always", fastmath=True, nogil=True)
+def _bf16(u):
+    return _f32_from_bits(np.int32(u) << 16)
+
+
+@njit(fastmath=True, nogil=True, cache=True)
+def _dot1_bf16(w, x0):
+    a0 = np.float32(0.0)
+    for k in range(w.shape[0]):
+        a0 += _bf16(w[k]) * x0[k]
+    return a0
+
+
+@njit(fastmath=True, nogil=True, cache=True)
+def _dot4_bf16(w, x0, x1, x2, x3):
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    a2 = np.float32(0.0)
+    a3 = np.float32(0.0)
+    for k in range(w.shape[0]):
+        v = _bf16(w[k])
+        a0 += v * x0[k]
+        a1 += v * x1[k]
+        a2 += v * x2[k]
+        a3 += v * x3[k]
+    return a0, a1, a2, a3
+
+
+@njit(fastmath=True, nogil=True, cache=True)
+def _dot1_int8(w, x0):
+    a0 = np.float32(0.0)
+    for k in range(w.shape[0]):
+        a0 += np.float32(w[k]) * x0[k]
+    return a0
+
+
+@njit(fastmath=True, nogil=True, cache=True)
+def _dot4_int8(w, x0, x1, x2, x3):
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    a2 = np.float32(0.0)
+    a3 = np.float32(0.0)
+    for k in range(w.shape[0]):
+        v = np.float32(w[k])
+        a0 += v * x0[k]
+        a1 += v * x1[k]
+        a2 += v * x2[k]
+        a3 += v * x3[k]
+    return a0, a1, a2, a3
+
+
+@njit(nogil=True, cache=True)
+def _rows_bf16(w, x, y, n0, n1):
+    T = x.shape[0]
+    for n in range(n0, n1):
+        _prefetch_row(w, n, w.shape[0])
+        wr = w[n]
+        t = 0
+        while t + 4 <= T:
+            a0, a1, a2, a3 = _dot4_bf16(wr, x[t], x[t + 1], x[t + 2], x[t + 3])
+            y[t, n] = a0
+            y[t + 1, n] = a1
+            y[t + 2, n] = a2
+            y[t + 3, n] = a3
+            t += 4
+        while t < T:
+            y[t, n] = _dot1_bf16(wr, x[t])
+            t += 1
+
+
+@njit(nogil=True, cache=True)
+def _rows_int8(w, scale, x, y, n0, n1):
+    T = x.shape[0]
+    for n in range(n0, n1):
+        _prefetch_row(w, n, w.shape[0])
+        wr = w[n]
+        s = scale[n]
+        t = 0
+        while t + 4 <= T:
+            a0, a1, a2, a3 = _dot4_int8(wr, x[t], x[t + 1], x[t + 2], x[t + 3])
+            y[t, n] = a0 * s
+            y[t + 1, n] = a1 * s
+            y[t + 2, n] = a2 * s
+            y[t + 3, n] = a3 * s
+            t += 4
+        while t < T:
+            y[t, n] = _dot1_int8(wr, x[t]) * s
+            t += 1
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def linear_bf16(w, x, y):
+    """y [T, N] = x [T, K] . bf16(w [N, K])^T (w: uint16 bit patterns, C-contiguous)."""
+    N = w.shape[0]
+    for it in prange((N + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM):
+        _rows_bf16(w, x, y, it * ROWS_PER_ITEM, min(N, (it + 1) * ROWS_PER_ITEM))
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def linear_int8(w, scale, x, y):
+    """y [T, N] = (x [T, K] . w [N, K]^T) * scale [N] (w int8, C-contiguous)."""
+    N = w.shape[0]
+    for it in prange((N + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM):
+        _rows_int8(w, scale, x, y, it * ROWS_PER_ITEM, min(N, (it + 1) * ROWS_PER_ITEM))
+
+
+def linear(w: np.ndarray, x: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """Checked entry point: x fp32 [T, K]; w uint16 (bf16 bits) or int8 [N, K] (+ scale fp32 [N])."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"shapes do not match: x {x.shape}, w {w.shape}")
+    if not w.flags.c_contiguous:
+        raise ValueError("w must be C-contiguous")
+    y = np.empty((x.shape[0], w.shape[0]), np.float32)
+    if w.dtype == np.uint16:
+        linear_bf16(w, x, y)
+    elif w.dtype == np.int8:
+        if scale is None or scale.shape != (w.shape[0],):
+            raise ValueError("int8 weights need a per-output-channel fp32 scale [N]")
+        linear_int8(w, np.ascontiguousarray(scale, dtype=np.float32), x, y)
+    else:
+        raise ValueError(f"weight dtype {w.dtype} not supported (uint16 bf16 bits or int8)")
+    return y

@@ -1,0 +1,128 @@
+"""The accelerator side's Linears on a CPU-only machine: our own matrix-vector kernels at decode.
+
+When the model runs on the CPU, every decode step reads all of the accelerator-side Linear weights
+(attention, dense layer 0, shared experts, lm_head) once for a handful of rows. torch's bf16 `mm`
+reaches about half the read bandwidth there, and float32 reads twice the bytes of the bf16 checkpoint.
+`CPULinear` keeps the weight as
+    "bf16": the checkpoint's bf16 values (exact for a bf16 checkpoint even when the model runs in
+            float32: those weights were widened from bf16 at load), 2 bytes per weight;
+    "int8": per-output-channel absmax int8 + an fp32 scale (gpu_kernels.quantize_weight_8bit, the
+            same quantizer as --gpu-weights int8), 1 byte per weight;
+and multiplies with cpu_kernels.dense (Numba, fp32 accumulation) when a call has at most
+DECODE_ROWS rows; longer calls (prefill) widen the weight in chunks of output rows and use torch's
+matmul, which is compute-bound there. The output has the input's dtype.
+
+`swap_cpu_linears(model, fmt)` replaces the same modules as hybrid/model/int8_linear.py's
+quantize_model_linears (QUANTIZABLE + lm_head; kv_b_proj stays: the absorbed decode reads it in place;
+the router stays fp32). Tests: tests/test_cpu_dense.py. Speed: tools/bench_generate.py --cpu-weights.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from torch import nn
+
+from cpu_kernels.dense import linear_bf16, linear_int8
+from gpu_kernels import quantize_weight_8bit
+from hybrid.model.int8_linear import QUANTIZABLE
+
+FORMATS = ("bf16", "int8")
+DECODE_ROWS = 16                 # calls with more rows (prefill) go through torch's matmul
+PREFILL_CHUNK_BYTES = 64 << 20   # widened weight chunk for the prefill path (fp32 bytes)
+
+
+def _threads() -> int:
+    """torch's thread count for the accelerator side (LLM accel_threads), within numba's pool."""
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+class CPULinear(nn.Module):
+    """y = x . W^T with W held as bf16 bits (uint16 [N, K]) or int8 [N, K] * fp32 scale [N]; no bias."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: str = "bf16"):
+        super().__init__()
+        if fmt not in FORMATS:
+            raise ValueError(f"CPU weight format {fmt!r} is not supported; choose one of {', '.join(FORMATS)}")
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        wdtype = torch.int16 if fmt == "bf16" else torch.int8       # bf16 kept as its bit pattern
+        self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=wdtype))
+        self.register_buffer("weight_scale", torch.ones(out_features if fmt == "int8" else 0, dtype=torch.float32))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str = "bf16") -> "CPULinear":
+        assert linear.bias is None, "the model has no biases; CPULinear does not store one"
+        w = linear.weight.detach()
+        if w.device.type != "cpu":
+            raise ValueError("CPULinear is for a model on the CPU")
+        m = cls(linear.in_features, linear.out_features, fmt)
+        if fmt == "bf16":
+            m.weight_q = w.to(torch.bfloat16).contiguous().view(torch.int16)
+        else:
+            q, scale = quantize_weight_8bit(w, "int8")
+            m.weight_q, m.weight_scale = q.contiguous(), scale.contiguous()
+        return m
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight_q.numel() * self.weight_q.element_size() + self.weight_scale.numel() * 4
+
+    def dense_weight(self, rows: slice = slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight this module multiplies by (rows of it), widened to `dtype`."""
+        q = self.weight_q[rows]
+        if self.fmt == "bf16":
+            return q.view(torch.bfloat16).to(dtype)
+        return (q.to(torch.float32) * self.weight_scale[rows, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, K = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, K)
+        T = x2.shape[0]
+        if T <= DECODE_ROWS:
+            xf = x2.detach().to(torch.float32).contiguous().numpy()
+            y = np.empty((T, self.out_features), np.float32)
+            prev = numba.get_num_threads()
+            numba.set_num_threads(_threads())
+            try:
+                if self.fmt == "bf16":
+                    linear_bf16(self.weight_q.numpy().view(np.uint16), xf, y)
+                else:
+                    linear_int8(self.weight_q.numpy(), self.weight_scale.numpy(), xf, y)
+            finally:
+                numba.set_num_threads(prev)
+            out = torch.from_numpy(y)
+        else:
+            compute = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
+            step = max(1, PREFILL_CHUNK_BYTES // (4 * K))
+            xc = x2.to(compute)
+            out = torch.empty(T, self.out_features, dtype=compute)
+            for n0 in range(0, self.out_features, step):
+                rows = slice(n0, min(self.out_features, n0 + step))
+                torch.matmul(xc, self.dense_weight(rows, compute).T, out=out[:, rows])
+        return out.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+
+
+def swap_cpu_linears(model: nn.Module, fmt: str = "bf16", lm_head: bool = True) -> dict:
+    """Replace the accelerator-side nn.Linear modules of a KimiForCausalLM on the CPU in place.
+
+    fmt "off" (or "auto" resolved by the caller) leaves the model alone. Returns {"swapped": n,
+    "bytes_before": b0, "bytes_after": b1}."""
+    if fmt == "off":
+        return {"swapped": 0, "bytes_before": 0, "bytes_after": 0}
+    if fmt not in FORMATS:
+        raise ValueError(f"cpu weight format {fmt!r} is not supported; choose off, {', '.join(FORMATS)}")
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+             and (QUANTIZABLE.match(n) or (lm_head and n == "lm_head"))]
+    before = after = 0
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, attr)
+        new = CPULinear.from_linear(old, fmt)
+        before += old.weight.numel() * old.weight.element_size()
+        after += new.nbytes
+        setattr(parent, attr, new)
+    return {"swapped": len(names), "bytes_before": before, "bytes_after": after}

@@ -1,0 +1,164 @@
+"""CPU dense Linears (cpu_kernels/dense.py, hybrid/model/cpu_linear.py): the Numba matrix-vector
+kernels against the float64 numpy reference (cpu_kernels.reference.linear_ref) on fresh random inputs
+with odd sizes, CPULinear against F.linear on the weight it stands for (decode and prefill paths),
+the module swap, and the logit error of the swapped tiny checkpoints against the unswapped fp32
+model (bf16 storage: the checkpoint's own values, so only the summation order differs; int8: the
+per-channel quantization error, bounded like --gpu-weights int8 in tests/test_gpu_weights.py).
+Run: pytest tests/test_cpu_dense.py (about 30 s, Numba compiles on first use).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cpu_kernels.dense import linear, linear_bf16, linear_int8
+from cpu_kernels.reference import linear_ref
+from hybrid import LLM
+from hybrid.model import cpu_linear
+from hybrid.model.cpu_linear import CPULinear, swap_cpu_linears
+
+# fp32 accumulation vs float64: error <= ~K * 2^-24 * sum|x w|; bound it relative to sum|x||w| per output
+KERNEL_REL_TO_ABS_SUM = 1e-5
+# CPULinear vs F.linear in fp32 on the same weight: another summation order only
+TOL_LINEAR = dict(atol=1e-4, rtol=1e-4)
+# bf16 storage of a bf16 checkpoint run in float32: the same products, another order (measured ~1e-6)
+BF16_LOGIT_REL_L2_MAX = 1e-4
+# int8 per channel on the tiny checkpoints, frozen routing not needed: measured rel-L2 per position
+# 2-4% (tests/test_gpu_weights.py bounds the same quantizer at 6% with routers replayed; free-running
+# routers may flip near ties, so the bound here is on argmax agreement and the mean rel-L2)
+INT8_LOGIT_REL_L2_MEAN_MAX = 0.08
+INT8_ARGMAX_MIN = 0.8
+
+SIZES = [(1, 1, 1), (1, 37, 91), (3, 70, 96), (4, 33, 257), (5, 129, 64), (16, 47, 200), (17, 23, 31)]
+
+
+def _bf16_bits(a: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(a).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def _bits_to_f32(w: np.ndarray) -> np.ndarray:
+    return (w.astype(np.uint32) << 16).view(np.float32)
+
+
+def _abs_bound(x, wf):
+    """KERNEL_REL_TO_ABS_SUM * sum_k |x[t,k]| |W[n,k]| (W dense float [N, K])."""
+    return KERNEL_REL_TO_ABS_SUM * (np.abs(x).astype(np.float64) @ np.abs(wf).astype(np.float64).T) + 1e-30
+
+
+@pytest.mark.parametrize("T,N,K", SIZES)
+def test_bf16_kernel_matches_reference(T, N, K):
+    rng = np.random.default_rng()
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    w = _bf16_bits(rng.standard_normal((N, K)).astype(np.float32))
+    y = np.empty((T, N), np.float32)
+    linear_bf16(w, x, y)
+    ref = linear_ref(x, w)
+    assert np.all(np.abs(y - ref) <= _abs_bound(x, _bits_to_f32(w))), np.abs(y - ref).max()
+
+
+@pytest.mark.parametrize("T,N,K", SIZES)
+def test_int8_kernel_matches_reference(T, N, K):
+    rng = np.random.default_rng()
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    w = rng.integers(-127, 128, (N, K), dtype=np.int8)
+    scale = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
+    y = np.empty((T, N), np.float32)
+    linear_int8(w, scale, x, y)
+    ref = linear_ref(x, w, scale)
+    assert np.all(np.abs(y - ref) <= _abs_bound(x, w * scale[:, None])), np.abs(y - ref).max()
+
+
+def test_linear_entry_point_checks_its_inputs():
+    w = np.zeros((5, 7), np.int8)
+    with pytest.raises(ValueError, match="scale"):
+        linear(w, np.zeros((1, 7), np.float32))
+    with pytest.raises(ValueError, match="shapes"):
+        linear(w, np.zeros((1, 6), np.float32), np.ones(5, np.float32))
+    with pytest.raises(ValueError, match="dtype"):
+        linear(np.zeros((5, 7), np.float32), np.zeros((1, 7), np.float32))
+    assert linear(w, np.ones((2, 7), np.float32), np.ones(5, np.float32)).shape == (2, 5)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+@pytest.mark.parametrize("rows", [1, 3, 16, 40])      # <= DECODE_ROWS: Numba; more: torch's matmul
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_linear_is_the_linear_of_its_weight(fmt, rows, dtype):
+    lin = nn.Linear(97, 71, bias=False)
+    m = CPULinear.from_linear(lin, fmt)
+    w = m.dense_weight()                                  # the weight it stands for, fp32
+    if fmt == "bf16":
+        assert torch.equal(w, lin.weight.detach().to(torch.bfloat16).float())
+        assert m.nbytes == 97 * 71 * 2
+    else:
+        assert (w - lin.weight.detach()).abs().max() <= lin.weight.detach().abs().amax(1).max() / 127 / 2 + 1e-6
+        assert m.nbytes == 97 * 71 + 71 * 4
+    x = torch.randn(rows, 97).to(dtype)
+    got = m(x.reshape(1, rows, 97))
+    assert got.dtype == dtype and got.shape == (1, rows, 71)
+    ref = F.linear(x.float(), w)
+    tol = TOL_LINEAR if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)   # bf16 output rounding
+    torch.testing.assert_close(got.reshape(rows, 71).float(), ref, **tol)
+
+
+def test_cpu_linear_prefill_chunks(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "PREFILL_CHUNK_BYTES", 4 * 13 * 5)     # 5 rows per chunk, 71 = 14*5+1
+    lin = nn.Linear(13, 71, bias=False)
+    m = CPULinear.from_linear(lin, "int8")
+    x = torch.randn(20, 13)
+    torch.testing.assert_close(m(x), F.linear(x, m.dense_weight()), **TOL_LINEAR)
+
+
+def test_unknown_format_is_refused():
+    with pytest.raises(ValueError, match="not supported"):
+        CPULinear(4, 4, "fp8")
+    with pytest.raises(ValueError, match="not supported"):
+        swap_cpu_linears(nn.Sequential(), "int4")
+
+
+def _score(llm, ids):
+    return llm.score(ids).float()
+
+
+def _rel_l2(ref, got):
+    return ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).float()
+
+
+@pytest.fixture(scope="module")
+def tiny_logits(tiny_dir):
+    llm = LLM(tiny_dir, device="cpu", dtype=torch.float32, progress=False)     # default expert backend
+    ids = torch.randint(0, llm.config.vocab_size, (24,), generator=torch.Generator().manual_seed(0)).tolist()
+    return llm, ids, _score(llm, ids)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_swapped_model_logits(tiny_dir, tiny_logits, fmt, monkeypatch):
+    _, ids, ref = tiny_logits
+    llm = LLM(tiny_dir, device="cpu", dtype=torch.float32, progress=False)
+    info = swap_cpu_linears(llm.model, fmt)
+    swapped = [n for n, m in llm.model.named_modules() if isinstance(m, CPULinear)]
+    assert info["swapped"] == len(swapped) > 0 and "lm_head" in swapped
+    assert not any("kv_b_proj" in n or n.endswith("mlp.gate") for n in swapped)
+    assert info["bytes_after"] < info["bytes_before"] / (1.9 if fmt == "bf16" else 3.5)
+    monkeypatch.setattr(cpu_linear, "DECODE_ROWS", 10 ** 9)                     # every row through Numba
+    got = _score(llm, ids)
+    err = _rel_l2(ref, got)
+    if fmt == "bf16":
+        assert err.max() <= BF16_LOGIT_REL_L2_MAX, err.max()
+    else:
+        assert err.mean() <= INT8_LOGIT_REL_L2_MEAN_MAX, err
+        assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= INT8_ARGMAX_MIN
+
+
+def test_swapped_model_generates_like_the_prefill_path(tiny_dir):
+    """Greedy decode (1-row calls: Numba) and scoring the same text (prefill: torch) agree."""
+    llm = LLM(tiny_dir, device="cpu", dtype=torch.float32, progress=False)
+    swap_cpu_linears(llm.model, "bf16")
+    from hybrid import SamplingParams
+    prompt = [5, 9, 2, 7]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    toks = list(out.token_ids)
+    logits = llm.score(prompt + toks[:-1]).float()
+    assert logits[len(prompt) - 1:].argmax(-1).tolist() == toks
