@@ -2,6 +2,7 @@
 
     from gpu_kernels import mla_decode, int4_matmul, int8_matmul
     o_lat = mla_decode(q_lat, q_pe, ckv, kpe, slots, lengths, softmax_scale)   # absorbed MLA decode
+    o_lat = paged_mla_decode(q_lat, q_pe, ckv, kpe, block_table, lengths, page, softmax_scale)  # paged cache
     y = int4_matmul(x, weight_packed, weight_scale)                            # W4A16, group 32
     y = int8_matmul(x, weight_q, weight_scale)                                 # 8-bit weight-only
 
@@ -56,13 +57,16 @@ from .int4_matmul import int4_matmul, int4_matmul_ref, int4_matmul_triton  # noq
 from .int8_matmul import (int8_matmul, int8_matmul_ref, int8_matmul_triton,  # noqa: E402
                           quantize_weight_8bit)
 from .mla_decode import mla_decode, mla_decode_ref, mla_decode_triton  # noqa: E402
+from .paged_mla_decode import paged_mla_decode, paged_mla_decode_ref, paged_mla_decode_triton  # noqa: E402
 
 KERNELS = {
     "mla_decode": {"ref": mla_decode_ref, "triton": mla_decode_triton},
+    "paged_mla_decode": {"ref": paged_mla_decode_ref, "triton": paged_mla_decode_triton},
     "int4_matmul": {"ref": int4_matmul_ref, "triton": int4_matmul_triton},
     "int8_matmul": {"ref": int8_matmul_ref, "triton": int8_matmul_triton},
 }
 
-__all__ = ["mla_decode", "mla_decode_ref", "mla_decode_triton", "int4_matmul", "int4_matmul_ref",
+__all__ = ["mla_decode", "mla_decode_ref", "mla_decode_triton", "paged_mla_decode", "paged_mla_decode_ref",
+           "paged_mla_decode_triton", "int4_matmul", "int4_matmul_ref",
            "int4_matmul_triton", "int8_matmul", "int8_matmul_ref", "int8_matmul_triton",
            "quantize_weight_8bit", "use_triton", "use_triton_on", "triton_available", "interpreting", "KERNELS"]

@@ -47,8 +47,9 @@ class LLM:
     def __init__(self, model_dir: str | Path, *, device: str = "auto", dtype: torch.dtype | str | None = None,
                  expert_backend: str = "auto", expert_act_format: str | None = None,
                  num_threads: int | None = None, accel_threads: int | None = None,
-                 max_batch: int = 16,
-                 max_context: int = 4096, max_prefill_tokens: int = 2048, gpu_weights: str = "bf16",
+                 max_batch: int = 16, max_context: int | None = None, max_prefill_tokens: int = 2048,
+                 cache_tokens: int | None = None, kv_cache_dtype: str = "auto", block_size: int = 64,
+                 enable_prefix_caching: bool = True, gpu_weights: str = "bf16",
                  gpu_experts: int = 0, expert_streaming: str = "off", expert_rates=None,
                  expert_cache: bool | str | Path = False, check_memory: bool = True, progress: bool = True,
                  image_limits=None):
@@ -65,6 +66,13 @@ class LLM:
             hybrid/experts/streaming.py; CPU-only machines always keep the CPU) | "always".
         expert_cache: True keeps the repacked experts in MODEL_DIR/.hybrid-cache (a folder path:
             there), memory-mapped at the next start instead of repacked.
+        max_context: longest sequence (prompt + output); None: the longest the memory plan allows for
+            one conversation on this machine, up to the model's maximum (vLLM's max_model_len).
+        cache_tokens: the shared paged KV cache pool, in tokens, for all sequences together (None:
+            max_batch x max_context, bounded by what the plan leaves free, at least one max_context);
+            max_batch is then a limit on concurrency, not a reservation (hybrid/model/kv_cache.py).
+        kv_cache_dtype: "auto" (the model dtype) | "bf16" | "fp8" | "int8" (8-bit: half the bytes).
+        enable_prefix_caching: requests reuse the cached blocks of earlier prompts with the same prefix.
         check_memory: compare the memory plan with this machine before reading any weight, and
             stop with the numbers and advice if it cannot fit.
         image_limits: hybrid.media.ImageLimits (bytes, pixels, images per request, remote fetching: off by
@@ -86,11 +94,8 @@ class LLM:
         if expert_cache and self.expert_backend != "numba":
             raise ValueError(f"expert_cache keeps the numba kernels' repacked layout; the expert backend is "
                              f"{self.expert_backend!r} (use expert_backend='numba', or no cache)")
-        if check_memory:
-            from hybrid.plan import check_before_load
-            check_before_load(self.config, context=min(max_context, self.config.max_position_embeddings),
-                              batch=max_batch, gpu_weights=gpu_weights, gpu_experts=gpu_experts,
-                              expert_backend=self.expert_backend)
+        max_context, cache_tokens = self._cache_size(max_batch, max_context, cache_tokens, kv_cache_dtype,
+                                                     gpu_weights, gpu_experts, check_memory)
         self.checkpoint = Checkpoint(self.model_dir, self.config)
         from hybrid.text.tokenizer import load_tokenizer
         self.tokenizer = load_tokenizer(self.model_dir)   # None: no tokenizer files (token ids only); bad files: error now
@@ -127,9 +132,40 @@ class LLM:
         if self.media_pad_id is None and self.tokenizer is not None:
             self.media_pad_id = getattr(self.tokenizer, "media_pad_id", None)
         self.engine = Engine(self.model, self.config, self.tokenizer, self.device, self.dtype, max_batch,
-                             max_context, max_prefill_tokens)
+                             max_context, max_prefill_tokens, cache_tokens=cache_tokens,
+                             kv_cache_dtype=kv_cache_dtype, block_size=block_size,
+                             enable_prefix_caching=enable_prefix_caching)
         if progress:
             print(format_placement(self.placement()))
+
+    def _cache_size(self, max_batch, max_context, cache_tokens, kv_cache_dtype, gpu_weights, gpu_experts,
+                    check_memory) -> tuple[int, int]:
+        """(max_context, cache pool tokens) from the memory plan; with check_memory, stop before reading
+        any weight (PlanError with the numbers and advice) if the weights plus the pool do not fit."""
+        from hybrid import plan
+        top = self.config.max_position_embeddings
+        if max_context is not None and not 1 < max_context <= top:
+            raise ValueError(f"max_context {max_context}: the model takes 2..{top} tokens (max_position_embeddings)")
+        mem = plan.machine_memory()
+        gpu = mem["gpu_mem_bytes"] if self.device.type == "cuda" else 0
+        kw = dict(gpu_weights=gpu_weights, gpu_experts=gpu_experts, expert_backend=self.expert_backend,
+                  kv_cache_dtype=kv_cache_dtype)
+        if max_context is None:
+            max_context = (plan.default_max_context(self.config, gpu, mem["ram_bytes"], batch=1, **kw)
+                           if check_memory else min(top, 4096))
+        if cache_tokens is None:
+            want = max_batch * max_context
+            if check_memory:
+                p = plan.make_plan(self.config, gpu_mem_bytes=gpu, ram_bytes=mem["ram_bytes"], context=1,
+                                   advise=False, **kw)
+                want = min(want, plan.cache_room(self.config, p, "8-bit" if kv_cache_dtype in ("fp8", "int8")
+                                                 else "bf16"))
+            cache_tokens = max(want, max_context)
+        if check_memory:     # the pool is the cache: plan it as one sequence of cache_tokens
+            plan.check_before_load(self.config, context=max_context, batch=-(-cache_tokens // max_context),
+                                   gpu_mem_bytes=gpu,
+                                   ram_bytes=mem["ram_bytes"], **kw)
+        return max_context, cache_tokens
 
     def placement(self) -> dict:
         """What lives where, in bytes (see hybrid/model/inventory.py)."""
@@ -203,6 +239,9 @@ class LLM:
                     r.text += delta.text
                     r.finish_reason, r.cached_prompt_tokens = delta.finish_reason, delta.cached_prompt_tokens
                     r.metrics = delta.metrics or r.metrics
+                    r.error = delta.error or r.error
+                    if delta.logprobs is not None:
+                        r.logprobs = (r.logprobs or []) + list(delta.logprobs)
         return [results[r] for r in rids]
 
     def stream(self, prompt, sampling: SamplingParams | None = None, media=None) -> Iterator[RequestOutput]:

@@ -17,7 +17,6 @@ Checked by tests/test_cli.py, tests/test_plan.py (`hybrid plan`), tests/test_ter
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import runpy
@@ -35,9 +34,13 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--expert-backend", default="auto", help="routed-expert CPU backend: auto, numba, torch, ...")
     g.add_argument("--max-context", "--max-model-len", dest="max_context", type=int, default=None,
                    help="tokens per sequence, prompt + answer (default: the longest the memory plan allows "
-                        "with --max-batch sequences, up to the model's maximum)")
-    g.add_argument("--max-batch", type=int, default=None, help="sequences decoded together (default: chat 1, "
-                                                                 "others 16)")
+                        "for one conversation, up to the model's maximum)")
+    g.add_argument("--max-batch", type=int, default=None, help="sequences decoded together, a limit on "
+                   "concurrency: they share one paged KV cache pool (default: chat 1, others 16)")
+    g.add_argument("--cache-tokens", type=int, default=None, help="size of the shared KV cache pool in tokens "
+                   "(default: max-batch x max-context, bounded by the memory the plan leaves free)")
+    g.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse cached blocks of earlier prompts with the same prefix")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "fp8", "int8"],
                    help="KV cache: auto (the model dtype) or 8 bits (half the memory)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for the experts (default: all)")
@@ -163,10 +166,10 @@ def resolve_context(args, config, device: str) -> None:
         gpu = mem["gpu_mem_bytes"] if on_gpu else 0
         backend = "numba" if args.expert_backend == "auto" else args.expert_backend
         args.max_context = plan.default_max_context(
-            config, gpu, mem["ram_bytes"], batch=args.max_batch, gpu_weights=args.gpu_weights,
+            config, gpu, mem["ram_bytes"], batch=1, gpu_weights=args.gpu_weights,
             gpu_experts=args.gpu_experts, expert_backend=backend if backend in plan.BACKENDS else "numba",
             kv_cache_dtype=args.kv_cache_dtype)
-        _say(f"context: {args.max_context} tokens per sequence x {args.max_batch} "
+        _say(f"context: {args.max_context} tokens per sequence, up to {args.max_batch} sequences sharing one cache pool "
              + ("(the model's maximum)" if args.max_context == top else
                 f"(the longest that fits this machine; the model takes up to {top})")
              + "; --max-context to change")
@@ -182,11 +185,8 @@ def load_llm(args, progress: bool = True):
     _check_model_dir(args, needs_tokenizer=args.command == "chat")
     config = load_config(args.model_dir)
     resolve_context(args, config, args.device)
-    extra = {}
-    if args.kv_cache_dtype != "auto":
-        if "kv_cache_dtype" not in inspect.signature(LLM.__init__).parameters:
-            raise ValueError(f"--kv-cache-dtype {args.kv_cache_dtype}: this build's engine has no 8-bit KV cache yet")
-        extra["kv_cache_dtype"] = args.kv_cache_dtype
+    extra = dict(kv_cache_dtype=args.kv_cache_dtype, cache_tokens=args.cache_tokens,
+                 enable_prefix_caching=not args.no_prefix_caching)
     cache = None
     if args.expert_cache:
         cache = Path(args.model_dir) / ".hybrid-cache" if args.expert_cache is True else Path(args.expert_cache)

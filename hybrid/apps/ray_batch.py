@@ -72,6 +72,37 @@ def worker_memory_bytes(model_dir, max_context: int = 4096, max_batch: int = 16,
     return max(p.ram_total_bytes - p.ram_reserve_bytes, 1 << 20)
 
 
+def worker_resources(ray, model_dir, llm_kwargs: dict, workers: int, num_cpus=None, num_gpus=None,
+                     memory=None) -> dict:
+    """What one worker (or serve replica) declares to Ray, and its thread count (set in llm_kwargs).
+    CPUs: --threads if given, else a whole node (the smallest alive node's CPUs; on a one-node cluster
+    its CPUs / workers). GPU: 1 when the device is cuda, or auto on a cluster that has GPUs (Ray hides
+    the GPUs from an actor that declares none). Memory: the plan's RAM, capped at the largest node's
+    memory resource (a worker that can never be placed would wait forever)."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if num_cpus is None:
+        num_cpus = llm_kwargs.get("num_threads")
+    if num_cpus is None:
+        cpus = min((n.get("CPU", 1) for n in nodes), default=1)
+        num_cpus = max(cpus // workers, 1) if len(nodes) == 1 else cpus
+    if not llm_kwargs.get("num_threads"):
+        llm_kwargs["num_threads"] = max(int(num_cpus), 1)
+    device = str(llm_kwargs.get("device") or "auto")
+    if num_gpus is None:
+        num_gpus = 1 if device.startswith("cuda") or (device == "auto" and
+                                                      any(n.get("GPU", 0) >= 1 for n in nodes)) else 0
+    if memory is None:
+        memory = worker_memory_bytes(model_dir, llm_kwargs.get("max_context", 4096), llm_kwargs.get("max_batch", 16),
+                                     num_gpus > 0, llm_kwargs.get("expert_backend", "auto"))
+        largest = max((n.get("memory", 0) for n in nodes), default=0)
+        if largest and memory > largest:
+            print(f"note: a worker needs {memory / 1e9:.0f} GB by the plan but the largest Ray node offers "
+                  f"{largest / 1e9:.0f} GB of its 'memory' resource: declaring that (start Ray with a smaller "
+                  f"--object-store-memory to give the model more)", file=sys.stderr)
+            memory = int(largest)
+    return {"num_cpus": num_cpus, "num_gpus": num_gpus, "memory": int(memory)}
+
+
 class BatchWorker:
     """One hybrid LLM on one machine (a Ray actor; async, so the records it holds decode together)."""
 
@@ -176,17 +207,10 @@ def _drive(ray, model_dir, todo: deque, out: _Output, counts: dict, *, workers, 
            num_gpus, memory, window, max_attempts, name, llm_kwargs) -> None:
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
     from tqdm import tqdm
-    gpu = str(llm_kwargs.get("device", "auto")).startswith("cuda")
-    num_cpus = num_cpus if num_cpus is not None else (llm_kwargs.get("num_threads") or 1)
-    if not llm_kwargs.get("num_threads"):
-        llm_kwargs["num_threads"] = max(int(num_cpus), 1)
-    if memory is None:
-        memory = worker_memory_bytes(model_dir, llm_kwargs.get("max_context", 4096),
-                                     llm_kwargs.get("max_batch", 16), gpu, llm_kwargs.get("expert_backend", "auto"))
+    res = worker_resources(ray, model_dir, llm_kwargs, workers, num_cpus, num_gpus, memory)
     window = window or 2 * llm_kwargs.get("max_batch", 16)
     actor_cls, options = ray.remote(BatchWorker), dict(
-        num_cpus=num_cpus, num_gpus=num_gpus if num_gpus is not None else (1 if gpu else 0), memory=memory,
-        scheduling_strategy="SPREAD", max_restarts=0, max_concurrency=max(4 * window, 64), namespace="hybrid")
+        **res, scheduling_strategy="SPREAD", max_restarts=0, max_concurrency=max(4 * window, 64), namespace="hybrid")
     model_dir = str(Path(model_dir).resolve())
     actors: dict[int, object] = {}             # worker index -> actor handle (alive or starting)
     ready: dict[object, int] = {}              # info() ref -> worker index, until it starts

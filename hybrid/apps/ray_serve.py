@@ -35,7 +35,7 @@ from collections import OrderedDict
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from hybrid.apps.ray_batch import INSTALL_HINT, connect, require_ray, worker_memory_bytes
+from hybrid.apps.ray_batch import INSTALL_HINT, connect, require_ray, worker_resources
 
 PROMPT_PREFIX_CHARS = 512            # a completion prompt's affinity key: its first characters
 PROMPT_PREFIX_IDS = 128              # ... or its first token ids
@@ -272,24 +272,18 @@ def _gateway_class():
 def build_app(model_dir, *, replicas: int = 2, model_name: str | None = None, api_key: str | None = None,
               num_cpus: float | None = None, num_gpus: float | None = None, memory: int | None = None,
               one_per_node: bool = True, imbalance: int = 4, **llm_kwargs):
-    """The Ray Serve application: the gateway bound to N EngineReplica replicas."""
-    require_ray()
+    """The Ray Serve application: the gateway bound to N EngineReplica replicas (call after connect():
+    the replicas' resources depend on the cluster, see ray_batch.worker_resources)."""
+    ray = require_ray()
     from pathlib import Path
     from ray import serve
     from ray.serve.config import RequestRouterConfig
     model_dir = str(Path(model_dir).resolve())
-    gpu = str(llm_kwargs.get("device", "auto")).startswith("cuda")
-    num_cpus = num_cpus if num_cpus is not None else (llm_kwargs.get("num_threads") or 1)
-    if not llm_kwargs.get("num_threads"):
-        llm_kwargs["num_threads"] = max(int(num_cpus), 1)
-    if memory is None:
-        memory = worker_memory_bytes(model_dir, llm_kwargs.get("max_context", 4096), llm_kwargs.get("max_batch", 16),
-                                     gpu, llm_kwargs.get("expert_backend", "auto"))
+    res = worker_resources(ray, model_dir, llm_kwargs, replicas, num_cpus, num_gpus, memory)
     max_batch = llm_kwargs.get("max_batch", 16)
     engine = serve.deployment(
         EngineReplica, name="hybrid-engine", num_replicas=replicas,
-        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus if num_gpus is not None else (1 if gpu else 0),
-                           "memory": memory},
+        ray_actor_options=res,
         max_replicas_per_node=1 if one_per_node else None,
         max_ongoing_requests=4 * max_batch,
         request_router_config=RequestRouterConfig(request_router_class=f"{__name__}.AffinityRouter",

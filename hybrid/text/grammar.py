@@ -111,8 +111,9 @@ def build_grammar(kind: str, schema: dict | None = None, tools: list[dict] | Non
     raise GrammarError(f"unknown constraint kind {kind!r}")
 
 
-def _bits_to_bool(bits: bytes, n: int) -> torch.Tensor:
-    return torch.from_numpy(np.unpackbits(np.frombuffer(bits, np.uint8), bitorder="little")[:n].astype(bool))
+def _bits_to_bool(bits: bytes, n: int) -> np.ndarray:
+    """llguidance's bitmask (bit i of 32-bit word i // 32, little-endian) -> bool [n]."""
+    return np.unpackbits(np.frombuffer(bits, np.uint8), bitorder="little")[:n].view(bool)
 
 
 class Constraint:
@@ -143,22 +144,26 @@ class Constraint:
 
     # ---- the agreed interface -------------------------------------------------------------
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [V] -> a new float32 tensor with the disallowed tokens at -inf. Plain numpy, not torch:
+        single-threaded, ~0.1 ms at 163,840 ids (torch's intra-op threads took tens of ms for these
+        vector ops on a busy 2-core machine)."""
         n = logits.shape[-1]
+        out = logits.detach().to("cpu", torch.float32).numpy().copy()
         if self.reasoning:
-            out = logits.clone()
             if self.reasoning_budget is not None and self.reasoning_tokens >= self.reasoning_budget:
-                keep = out[..., self.think_end].clone()
-                out.fill_(float("-inf"))
-                out[..., self.think_end] = keep if torch.isfinite(keep) else 0.0
-                return out
-            out[..., [t for t in self.reasoning_blocked if t < n]] = float("-inf")   # the answer must come
-            return out
+                keep = out[self.think_end]
+                out.fill(-np.inf)
+                out[self.think_end] = keep if np.isfinite(keep) else 0.0
+            else:
+                out[[t for t in self.reasoning_blocked if t < n]] = -np.inf   # the answer must come
+            return torch.from_numpy(out)
         allowed = self._take_mask()
         if allowed.shape[0] < n:
-            allowed = torch.cat([allowed, torch.zeros(n - allowed.shape[0], dtype=torch.bool)])
-        if not bool(allowed.any()):
+            allowed = np.concatenate([allowed, np.zeros(n - allowed.shape[0], dtype=bool)])
+        if not allowed.any():
             raise RuntimeError(f"grammar allows no token: {self.matcher.get_error() or 'dead end'}")
-        return logits.masked_fill(~allowed[:n], float("-inf"))
+        np.putmask(out, ~allowed[:n], -np.inf)
+        return torch.from_numpy(out)
 
     def advance(self, token: int) -> None:
         if self.reasoning:
@@ -185,7 +190,7 @@ class Constraint:
             raise RuntimeError(f"token {token} breaks the grammar: {self.matcher.get_error()}")
         self._prefetch()
 
-    def _compute(self) -> torch.Tensor:
+    def _compute(self) -> np.ndarray:
         return _bits_to_bool(self.matcher.compute_bitmask(), self.vocab_size)
 
     def _prefetch(self) -> None:
@@ -198,7 +203,7 @@ class Constraint:
             except Exception:
                 pass
 
-    def _take_mask(self) -> torch.Tensor:
+    def _take_mask(self) -> np.ndarray:
         fut, self._next = self._next, None
         return fut.result() if fut is not None else self._compute()
 
