@@ -58,6 +58,7 @@ class _Entry:
     request: dict | None = None
     error: str | None = None
     param: str | None = None
+    media: list | None = None  # image embeddings of a chat line (hybrid.engine.MediaSpan), set by _prepare
 
 
 def _key(record_or_id, line: int | None = None, duplicate: bool = False) -> str:
@@ -270,7 +271,7 @@ def _prepare(llm, e: _Entry, defaults: dict, max_tokens: int | None):
         args = protocol.chat_args(req)
         params = protocol.sampling_params(req, defaults, max_tokens=max_tokens, thinking=args.thinking,
                                           logprobs=protocol.chat_logprobs(req))
-        prompt = protocol.chat_prompt(llm, args)
+        prompt, e.media = protocol.chat_inputs(llm, args)      # images: data URLs, or paths next to the input
         return prompt, _constraint(llm, args.constraint, chat_sampling(params)), args
     if req.get("response_format") is not None:
         raise FieldError("response_format", "response_format applies to 'messages' lines, not to 'prompt'")
@@ -342,6 +343,8 @@ def _run(llm, input_path: Path, output_path: Path, max_tokens, progress: bool, r
     todo = [e for e in read_entries(input_path) if e.key not in done]
     defaults = protocol.generation_defaults(llm.model_dir)
     engine = llm.engine
+    if getattr(llm, "images", None) is not None:   # relative image paths in records: next to the input file
+        llm.images.limits = dataclasses.replace(llm.images.limits, base_dir=str(input_path.parent.resolve()))
     window = 2 * engine.max_batch              # requests held in the engine at once
     writer = _Writer(output_path)
     bar = tqdm(total=len(todo), desc="batch", unit="req", disable=not progress, dynamic_ncols=True)
@@ -360,7 +363,8 @@ def _run(llm, input_path: Path, output_path: Path, max_tokens, progress: bool, r
                     if got is not None:
                         prompt, params, args = got
                         try:
-                            rid = engine.add_request(prompt, params)
+                            rid = engine.add_request(prompt, params, media=e.media)
+                            e.media = None                 # the engine holds them now
                             live[rid] = (e, args, [], [], [] if params.logprobs is not None else None)
                             continue
                         except ValueError as err:          # the engine's: too long, bad ids

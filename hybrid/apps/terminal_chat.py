@@ -143,7 +143,10 @@ def fit_context(llm, system: str | None, history: list[dict], first: int, new: d
     head = [{"role": "system", "content": system}] if system else []
 
     def size(start):
-        return len(llm.chat_prompt_ids(head + history[start:] + [new], thinking=thinking))
+        msgs = head + history[start:] + [new]
+        if getattr(llm, "images", None) is not None:   # image placeholders count as their expanded tokens
+            return len(llm.chat_inputs(msgs, thinking=thinking)[0])
+        return len(llm.chat_prompt_ids(msgs, thinking=thinking))
     n = size(first)
     if n + reserve <= limit:
         return first, n
@@ -355,8 +358,9 @@ def run_chat(llm, thinking: bool = True, system: str | None = None, sampling: Sa
         reserve = min(sampling.max_tokens or llm.engine.max_context // 4, llm.engine.max_context // 2)
         try:
             kept, _ = fit_context(llm, system, history, first, new, thinking, reserve)
-        except ValueError as e:
+        except ValueError as e:               # includes hybrid.media.MediaError: the image is dropped
             console.print(f"error: {e}", style="red", markup=False)
+            images = []
             continue
         if kept > first:
             dropped = sum(1 for m in history[first:kept] if m["role"] == "user")
