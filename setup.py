@@ -28,6 +28,7 @@ setup(
         "prometheus_client>=0.20",
         "Pillow>=10.0",
         "prompt_toolkit>=3.0",
+        "llguidance>=1.0,<2",             # grammar-constrained decoding (response_format, forced tool calls)
     ],
     extras_require={
         "test": [
@@ -38,6 +39,7 @@ setup(
             "openai>=1.40",
             "httpx>=0.27",
             "pexpect>=4.8",
+            "jsonschema>=4",
             "selenium>=4.10",             # the chat page test drives Debian's chromium (.ci/run installs it)
             "triton>=3.0; platform_system == 'Linux'",   # GPU kernels, tested on the CPU (TRITON_INTERPRET=1)
         ],

@@ -281,10 +281,13 @@ class LLM:
         return chat_inputs(self, messages, tools, thinking, preserve_thinking, **template_kwargs)
 
     def chat(self, messages, sampling: SamplingParams | None = None, tools=None, thinking: bool = True,
-             preserve_thinking: bool = False, **template_kwargs):
-        """One assistant turn: ChatResult(message=ParsedMessage(reasoning_content, content, tool_calls), ...)."""
+             preserve_thinking: bool = False, response_format=None, tool_choice=None, max_reasoning_tokens=None,
+             **template_kwargs):
+        """One assistant turn: ChatResult(message=ParsedMessage(reasoning_content, content, tool_calls), ...).
+        response_format / tool_choice as in the OpenAI API (grammar-constrained: hybrid/chat.py `constrained`)."""
         from hybrid.chat import chat
-        return chat(self, messages, sampling, tools, thinking, preserve_thinking, **template_kwargs)
+        return chat(self, messages, sampling, tools, thinking, preserve_thinking, response_format, tool_choice,
+                    max_reasoning_tokens, **template_kwargs)
 
     def chat_stream(self, messages, sampling: SamplingParams | None = None, tools=None, thinking: bool = True,
                     preserve_thinking: bool = False, **template_kwargs):

@@ -5,7 +5,7 @@
 - Prometheus /metrics parsed by prometheus_client's own parser, counters moving with traffic;
 - the sampling defaults rule (request > generation_config.json > model card per mode);
 - API key: `bearer` in any case, HYBRID_API_KEY; GET / serves the chat page;
-- the port answers before the model is loaded: /health 503 "loading", then 200.
+- the port answers before the model is loaded: /health 503 "loading", then 200; an image part reaches the engine.
 """
 from __future__ import annotations
 
@@ -187,3 +187,22 @@ def test_port_answers_while_loading(llm):
                           timeout=30).status_code == 200
     finally:
         s.stop()
+
+
+def test_image_part_reaches_the_engine(client, llm):
+    """An image part (data URL) goes through llm.chat_inputs: its placeholder rows count as prompt tokens."""
+    import base64
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    text = [{"role": "user", "content": "what is this?"}]
+    with_image = [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                               {"type": "image_url", "image_url": {"url": url}}]}]
+    plain = client.chat.completions.create(model="tiny", messages=text, max_tokens=2)
+    seen = client.chat.completions.create(model="tiny", messages=with_image, max_tokens=2)
+    assert seen.choices[0].finish_reason in ("length", "stop")
+    assert seen.usage.prompt_tokens > plain.usage.prompt_tokens
+    assert seen.usage.prompt_tokens == len(llm.chat_inputs(with_image)[0])

@@ -97,8 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("HYBRID_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $HYBRID_API_KEY, else none)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $HYBRID_API_KEY, which keeps the key out "
+                        "of the process list; else none)")
+    p.add_argument("--max-body-mb", type=float, default=16, help="largest request body, MiB (413 above)")
+    p.add_argument("--no-remote-images", action="store_true",
+                   help="refuse http(s) image URLs (default: fetched within size and time limits)")
+    p.add_argument("--max-images", type=int, default=16, help="images per request (default 16)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: folder name)")
     p.add_argument("--log-level", default="info")
 
@@ -187,6 +192,10 @@ def load_llm(args, progress: bool = True):
     resolve_context(args, config, args.device)
     extra = dict(kv_cache_dtype=args.kv_cache_dtype, cache_tokens=args.cache_tokens,
                  enable_prefix_caching=not args.no_prefix_caching)
+    if args.command == "serve":
+        from hybrid.media import ImageLimits
+        extra["image_limits"] = ImageLimits(allow_remote=not args.no_remote_images, max_images=args.max_images,
+                                            allow_local=False)
     cache = None
     if args.expert_cache:
         cache = Path(args.model_dir) / ".hybrid-cache" if args.expert_cache is True else Path(args.expert_cache)
@@ -353,9 +362,15 @@ def _dispatch(args) -> int | None:
         run_chat(llm, thinking=not args.no_think, system=args.system, sampling=params)
     elif args.command == "serve":
         from hybrid.apps.server import serve
-        llm = load_llm(args)
         name = args.served_model_name or Path(args.model_dir).resolve().name
-        serve(llm, name, args.host, args.port, args.api_key, args.log_level)
+        if args.max_body_mb <= 0 or args.max_images < 1:
+            raise ValueError("--max-body-mb must be > 0 and --max-images >= 1")
+        from hybrid.config import load_config
+        _check_model_dir(args, needs_tokenizer=False)
+        resolve_context(args, load_config(args.model_dir), args.device)    # bad options: an error before binding
+        # the port is bound first; the model loads behind it (/health: 503 "loading" until ready)
+        serve(lambda: load_llm(args), name, args.host, args.port, args.api_key, args.log_level,
+              max_body_bytes=int(args.max_body_mb * 2**20))
     elif args.command == "batch":
         from hybrid.apps.batch import check_paths, run_batch
         check_paths(args.input, args.output)       # before minutes of loading (BatchPathError is a ValueError)

@@ -63,6 +63,8 @@ class _State:
         self.defaults = protocol.generation_defaults(llm.model_dir)
         tok = llm.tokenizer
         self.max_token_bytes = max((len(b) for b in tok.mergeable_ranks), default=1) if tok is not None else 1
+        if getattr(llm, "images", None) is not None:   # clients send data: / http(s) URLs, never server paths
+            llm.images.limits = dataclasses.replace(llm.images.limits, allow_local=False)
         self.llm, self.runner = llm, EngineThread(llm.engine)
         self.runner.start()
         if tok is not None:                      # the grammar tokenizer takes ~2 s at 163,840 tokens: build it now

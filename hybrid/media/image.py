@@ -52,6 +52,8 @@ class ImageLimits:
     allow_remote: bool = False            # fetch http(s) URLs
     timeout: float = 10.0                 # seconds for a whole download
     base_dir: str | None = None           # relative paths resolve here (batch files); None: the cwd
+    allow_local: bool = True              # read local paths / file:// URLs (off in the server: a client
+                                          # must not read the server's files)
 
 
 def _decode(data: bytes, where: str, limits: ImageLimits):
@@ -146,6 +148,9 @@ def load_image(source, where: str = "image", limits: ImageLimits | None = None):
         return _decode(_data_url(source, where, limits), where, limits)
     if low.startswith(("http://", "https://")):
         return _decode(_fetch(source, where, limits), where, limits)
+    if not limits.allow_local:
+        raise MediaError(where, "only data: URLs" + (" and http(s) URLs" if limits.allow_remote else "")
+                                + " are accepted here, not local file paths")
     path = Path(urllib.parse.unquote(source[7:])) if low.startswith("file://") else Path(source)
     if not path.is_absolute() and limits.base_dir:
         path = Path(limits.base_dir) / path

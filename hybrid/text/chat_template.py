@@ -25,6 +25,7 @@ from typing import Any, Iterable
 import regex
 from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from hybrid.text.tokenizer import SPECIAL_NAMES
@@ -53,8 +54,25 @@ def _raise_exception(message):
     raise TemplateError(message)
 
 
-_ENV = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                     extensions=[loopcontrols])
+MAX_TEMPLATE_OUTPUT = 64 * 2 ** 20      # characters; a 262,144-token K2.6 prompt is ~1-2 MB of text
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox, plus: `*` and `**` cannot build huge strings, lists or numbers
+    ('a' * 10**10 would allocate 10 GB per request); range() is already bounded by the sandbox."""
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            for seq, k in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(k, int) and len(seq) * max(k, 0) > MAX_TEMPLATE_OUTPUT:
+                    raise SecurityError(f"template builds a sequence of {len(seq) * k} items")
+        if operator == "**" and isinstance(right, int) and abs(right) > 1000:
+            raise SecurityError("template exponent too large")
+        return super().call_binop(context, operator, left, right)
+
+
+_ENV = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
 _ENV.filters["tojson"] = _tojson
 _ENV.globals["raise_exception"] = _raise_exception
 _TEMPLATE_CACHE: dict[str, Any] = {}
@@ -265,8 +283,10 @@ def render_chat_segments(template_text: str, messages: list[dict], tools: list |
         text = _compile(template_text).render(
             **ctx, add_generation_prompt=add_generation_prompt, thinking=thinking,
             preserve_thinking=preserve_thinking)
-    except TemplateError as e:
+    except TemplateError as e:        # SecurityError included
         raise ValueError(f"chat template failed: {e}") from e
+    if len(text) > MAX_TEMPLATE_OUTPUT:
+        raise ValueError(f"chat template failed: output of {len(text)} characters (limit {MAX_TEMPLATE_OUTPUT})")
     segs: list[Segment] = []
     start = 0
     for m in nz.pat.finditer(text):
