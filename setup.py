@@ -40,10 +40,12 @@ setup(
             "httpx>=0.27",
             "pexpect>=4.8",
             "jsonschema>=4",
+            "ray[serve]>=2.60,<3",          # tests/test_ray_*.py: a local 2-worker cluster
             "selenium>=4.10",             # the chat page test drives Debian's chromium (.ci/run installs it)
             "triton>=3.0; platform_system == 'Linux'",   # GPU kernels, tested on the CPU (TRITON_INTERPRET=1)
         ],
         "triton": ["triton>=3.0"],
+        "ray": ["ray[serve]>=2.60,<3"],          # hybrid batch --ray / hybrid serve --ray (several machines)
     },
     package_data={"hybrid.apps": ["chat_page.html"]},
     entry_points={"console_scripts": ["hybrid=hybrid.apps.cli:main"]},

@@ -293,8 +293,8 @@ def test_a_second_run_on_the_same_output_is_refused(llm, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("\n".join(_good_lines(2)) + "\n")
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time, pathlib\n"
-                               "from hybrid.apps.batch import _Lock\n"
-                               f"lock = _Lock(pathlib.Path({str(out)!r}))\nprint('locked', flush=True)\n"
+                               "from hybrid.apps.batch import OutputLock\n"
+                               f"lock = OutputLock(pathlib.Path({str(out)!r}))\nprint('locked', flush=True)\n"
                                "time.sleep(600)"],
                               env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
     try:

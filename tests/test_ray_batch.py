@@ -158,7 +158,7 @@ def test_a_worker_killed_mid_job_loses_nothing_and_duplicates_nothing(cluster, t
     ids = Counter(r["id"] for r in _records(out))
     assert len(ids) == N_RECORDS and set(ids.values()) == {1}          # every id, exactly once
     assert all("error" not in r for r in _records(out))
-    assert result["workers_lost"] >= 1 and result["retried"] >= 1      # its unfinished records were redone
+    assert result["workers_lost"] >= 1 and result["resent"] >= 1      # its unfinished records were redone
 
 
 @needs_ray

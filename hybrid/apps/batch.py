@@ -148,7 +148,7 @@ def lock_path(output: Path) -> Path:
     return output.with_name(output.name + ".lock")
 
 
-class _Lock:
+class OutputLock:
     """An exclusive flock on OUTPUT.lock, held while the run writes; refused (BatchPathError) if held."""
 
     def __init__(self, output: Path):
@@ -202,11 +202,11 @@ def check_paths(input_path, output_path) -> tuple[Path, Path]:
         raise BatchPathError(f"--output {out}: the folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK) or (kind is None and not os.access(out, os.W_OK)):
         raise BatchPathError(f"--output {out}: not writable by this user")
-    _Lock(out).release()                         # refuses now, not after minutes of loading
+    OutputLock(out).release()                         # refuses now, not after minutes of loading
     return inp, out
 
 
-def _drop_error_records(output: Path) -> int:
+def drop_error_records(output: Path) -> int:
     """Rewrite the output without its error records (temporary file + rename: a crash keeps the old one)."""
     if not output.is_file():
         return 0
@@ -297,7 +297,7 @@ def prepare_entry(llm, e: _Entry, defaults: dict, max_tokens: int | None):
     return None
 
 
-def _result(e: _Entry, args, text: str, token_ids: list[int], last, logprobs: list | None = None,
+def result_record(e: _Entry, args, text: str, token_ids: list[int], last, logprobs: list | None = None,
             tokenizer=None) -> dict:
     """The line's result record; an error record when the engine failed the sequence (finish_reason
     "error"). `logprobs`: the entries of every generated token, when asked for."""
@@ -330,9 +330,9 @@ def run_batch(llm, input_path, output_path, max_tokens: int | None = None, progr
     """Answer every input line not yet answered in output_path. Returns counts. retry_errors: lines
     answered by an error record are redone (their error records are dropped first)."""
     input_path, output_path = check_paths(input_path, output_path)
-    lock = _Lock(output_path)
+    lock = OutputLock(output_path)
     try:
-        retried = _drop_error_records(output_path) if retry_errors else 0
+        retried = drop_error_records(output_path) if retry_errors else 0
         return _run(llm, input_path, output_path, max_tokens, progress, retried)
     finally:
         lock.release()
@@ -386,7 +386,7 @@ def _run(llm, input_path: Path, output_path: Path, max_tokens, progress: bool, r
                 n_tokens += len(d.token_ids)
                 if d.finish_reason is not None:
                     del live[d.request_id]
-                    rec = _result(e, args, "".join(parts), ids, d, lps, llm.tokenizer)
+                    rec = result_record(e, args, "".join(parts), ids, d, lps, llm.tokenizer)
                     writer.write(rec)
                     counts["errors" if "error" in rec else "results"] += 1
                     bar.update(1)

@@ -77,6 +77,28 @@ def _sampling_options() -> argparse.ArgumentParser:
     return p
 
 
+def _ray_options(p: argparse.ArgumentParser, count_flag: str, count_help: str) -> None:
+    g = p.add_argument_group("several machines (Ray; pip install -e \".[ray]\")")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster: ADDRESS (HOST:6379, or auto for the one `ray start` runs here); "
+                        "without ADDRESS a local one is started")
+    g.add_argument(count_flag, type=int, default=2, help=count_help)
+    g.add_argument("--worker-cpus", type=float, default=None,
+                   help="CPUs each worker declares to Ray (default: --threads, else a whole machine)")
+
+
+def llm_options(args) -> dict:
+    """The LLM keyword arguments of the model flags, for the LLMs --ray builds on other machines (options
+    left unset stay unset: each machine's LLM plans its own context from its own memory)."""
+    kw = dict(device=args.device, expert_backend=args.expert_backend, expert_act_format=args.expert_act_format,
+              num_threads=args.threads, accel_threads=args.accel_threads, max_batch=args.max_batch,
+              max_context=args.max_context, dtype=args.dtype, gpu_weights=args.gpu_weights,
+              gpu_experts=args.gpu_experts, expert_streaming=args.expert_streaming, expert_cache=args.expert_cache,
+              kv_cache_dtype=args.kv_cache_dtype, cache_tokens=args.cache_tokens,
+              enable_prefix_caching=not args.no_prefix_caching)
+    return {k: v for k, v in kw.items() if v is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrid", description="CPU/GPU hybrid inference for Kimi K2.6-class "
                                      "MoE models. Start with `hybrid demo`.")
@@ -106,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=16, help="images per request (default 16)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: folder name)")
     p.add_argument("--log-level", default="info")
+    _ray_options(p, "--replicas", "engine replicas behind the endpoint, one per machine (default: 2)")
 
     p = sub.add_parser("batch", parents=[model], help="run a JSONL file of requests, resumable")
     p.add_argument("model_dir")
@@ -114,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="for lines that set none (default: until it ends)")
     p.add_argument("--retry-errors", action="store_true", help="redo lines answered by an error record")
     p.add_argument("--no-progress", action="store_true")
+    _ray_options(p, "--workers", "workers, one hybrid LLM each, one per machine (default: 2)")
 
     sub.add_parser("plan", help="will a checkpoint fit this machine, and where do the experts go",
                    add_help=False)
@@ -367,6 +391,12 @@ def _dispatch(args) -> int | None:
             raise ValueError("--max-body-mb must be > 0 and --max-images >= 1")
         from hybrid.config import load_config
         _check_model_dir(args, needs_tokenizer=False)
+        if args.ray is not None:                   # N replicas on a Ray cluster, one endpoint (hybrid/apps/ray_serve.py)
+            from hybrid.apps.ray_serve import serve_ray   # (each replica plans its context on its own machine)
+            serve_ray(args.model_dir, address=None if args.ray == "local" else args.ray, replicas=args.replicas,
+                      host=args.host, port=args.port, api_key=args.api_key or os.environ.get("HYBRID_API_KEY"),
+                      model_name=name, num_cpus=args.worker_cpus, **llm_options(args))
+            return 0
         resolve_context(args, load_config(args.model_dir), args.device)    # bad options: an error before binding
         # the port is bound first; the model loads behind it (/health: 503 "loading" until ready)
         serve(lambda: load_llm(args), name, args.host, args.port, args.api_key, args.log_level,
@@ -374,6 +404,17 @@ def _dispatch(args) -> int | None:
     elif args.command == "batch":
         from hybrid.apps.batch import check_paths, run_batch
         check_paths(args.input, args.output)       # before minutes of loading (BatchPathError is a ValueError)
+        if args.ray is not None:                   # workers on a Ray cluster (hybrid/apps/ray_batch.py)
+            from hybrid.apps.ray_batch import run_ray_batch
+            counts = run_ray_batch(args.model_dir, args.input, args.output, workers=args.workers,
+                                   address=None if args.ray == "local" else args.ray, max_tokens=args.max_tokens,
+                                   progress=not args.no_progress, num_cpus=args.worker_cpus,
+                                   retry_errors=args.retry_errors, **llm_options(args))
+            print(f"batch --ray: {counts['results']} results, {counts['errors']} error records, "
+                  f"{counts['skipped']} already done, {counts['resent']} sent again after "
+                  f"{counts['workers_lost']} lost workers; {counts['records_per_s']:.2f} records/s, "
+                  f"per worker {counts['per_worker']} -> {args.output}")
+            return 0
         llm = load_llm(args, progress=not args.no_progress)
         counts = run_batch(llm, args.input, args.output, args.max_tokens, progress=not args.no_progress,
                            retry_errors=args.retry_errors)

@@ -92,8 +92,9 @@ def worker_resources(ray, model_dir, llm_kwargs: dict, workers: int, num_cpus=No
         num_gpus = 1 if device.startswith("cuda") or (device == "auto" and
                                                       any(n.get("GPU", 0) >= 1 for n in nodes)) else 0
     if memory is None:
-        memory = worker_memory_bytes(model_dir, llm_kwargs.get("max_context", 4096), llm_kwargs.get("max_batch", 16),
-                                     num_gpus > 0, llm_kwargs.get("expert_backend", "auto"))
+        memory = worker_memory_bytes(model_dir, llm_kwargs.get("max_context") or 4096,
+                                     llm_kwargs.get("max_batch") or 16, num_gpus > 0,
+                                     llm_kwargs.get("expert_backend") or "auto")
         largest = max((n.get("memory", 0) for n in nodes), default=0)
         if largest and memory > largest:
             print(f"note: a worker needs {memory / 1e9:.0f} GB by the plan but the largest Ray node offers "
@@ -130,7 +131,8 @@ class BatchWorker:
         prompt, params, args = got
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
         try:
-            await self.runner.add(prompt, params, lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
+            await self.runner.add(prompt, params, lambda item: loop.call_soon_threadsafe(q.put_nowait, item),
+                                  media=e.media)
         except ValueError as err:              # the engine's: too long, bad ids (as run_batch words it)
             e.error, e.param = f"line {e.line}: {err}", "messages" if "messages" in e.request else "prompt"
             return error_record(e)
@@ -144,7 +146,7 @@ class BatchWorker:
             if lps is not None:
                 lps += getattr(item, "logprobs", None) or []
             if item.finish_reason is not None:
-                return batch._result(e, args, "".join(parts), ids, item, lps, self.llm.tokenizer)
+                return batch.result_record(e, args, "".join(parts), ids, item, lps, self.llm.tokenizer)
 
 
 class _Output:
@@ -166,25 +168,28 @@ def run_ray_batch(model_dir, input_path, output_path, *, address: str | None = N
                   max_tokens: int | None = None, progress: bool = True, num_cpus: float | None = None,
                   num_gpus: float | None = None, memory: int | None = None, window: int | None = None,
                   max_attempts: int = 3, name: str | None = None, local_cpus: int | None = None,
-                  **llm_kwargs) -> dict:
+                  retry_errors: bool = False, **llm_kwargs) -> dict:
     """Answer every input line not yet answered in output_path, on `workers` Ray actors.
 
     num_cpus / num_gpus / memory: what each worker declares (default: llm_kwargs' num_threads or 1 CPU;
     1 GPU when device is cuda*; the plan's RAM). window: records in flight per worker (default
     2 * max_batch). name: the actors are NAME-w0, NAME-w1, ... in namespace "hybrid" (default random).
     local_cpus: CPUs of the local cluster started when no address is given (default: all).
+    retry_errors: lines answered by an error record are redone (as `hybrid batch --retry-errors`).
     llm_kwargs go to hybrid.LLM (max_batch, max_context, expert_backend, num_threads, device, ...).
-    Returns counts: results, errors, skipped, retried, workers_lost, per_worker, records_per_s, tokens_per_s."""
+    Returns counts: results, errors, skipped, retried (error records dropped by retry_errors), resent
+    (records sent again after a worker died or failed them), workers_lost, per_worker, records_per_s, tokens_per_s."""
     ray = require_ray()
     input_path, output_path = check_paths(input_path, output_path)
-    lock = batch._Lock(output_path)             # one writer per output, as `hybrid batch` (OUTPUT.lock)
+    lock = batch.OutputLock(output_path)             # one writer per output, as `hybrid batch` (OUTPUT.lock)
     out = None
     try:
+        retried = batch.drop_error_records(output_path) if retry_errors else 0
         done = answered(output_path)
         todo_all = [e for e in read_entries(input_path) if e.key not in done]
         out = _Output(output_path)
-        counts = {"skipped": len(done), "results": 0, "errors": 0, "retried": 0, "workers_lost": 0,
-                  "per_worker": {}, "records_per_s": 0.0, "tokens_per_s": 0.0}
+        counts = {"skipped": len(done), "results": 0, "errors": 0, "retried": retried, "resent": 0,
+                  "workers_lost": 0, "per_worker": {}, "records_per_s": 0.0, "tokens_per_s": 0.0}
         for e in todo_all:                      # malformed lines / duplicates: the driver answers them
             if e.error is not None:
                 out.write(error_record(e))
@@ -208,7 +213,7 @@ def _drive(ray, model_dir, todo: deque, out: _Output, counts: dict, *, workers, 
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
     from tqdm import tqdm
     res = worker_resources(ray, model_dir, llm_kwargs, workers, num_cpus, num_gpus, memory)
-    window = window or 2 * llm_kwargs.get("max_batch", 16)
+    window = window or 2 * (llm_kwargs.get("max_batch") or 16)
     actor_cls, options = ray.remote(BatchWorker), dict(
         **res, scheduling_strategy="SPREAD", max_restarts=0, max_concurrency=max(4 * window, 64), namespace="hybrid")
     model_dir = str(Path(model_dir).resolve())
@@ -274,14 +279,14 @@ def _drive(ray, model_dir, todo: deque, out: _Output, counts: dict, *, workers, 
                     rec = ray.get(ref, timeout=60)
                 except RayActorError:                   # the worker died: someone else does the record
                     todo.appendleft(e)
-                    counts["retried"] += 1
+                    counts["resent"] += 1
                     lost(i)
                     continue
                 except (RayTaskError, GetTimeoutError) as err:     # the request failed on that worker
                     attempts[e.key] += 1
                     if attempts[e.key] < max_attempts:
                         todo.appendleft(e)
-                        counts["retried"] += 1
+                        counts["resent"] += 1
                         continue
                     e.error = f"line {e.line}: failed on {max_attempts} workers: {str(err).splitlines()[-1]}"
                     rec = error_record(e)
@@ -293,8 +298,9 @@ def _drive(ray, model_dir, todo: deque, out: _Output, counts: dict, *, workers, 
                 n_tokens += rec.get("usage", {}).get("completion_tokens", 0)
                 per_worker[f"w{i}"] += 1
                 bar.update(1)
+                rate = n_tokens / max(time.perf_counter() - (t0 or 0), 1e-9)
                 bar.set_postfix_str(" ".join(f"{k}:{v}" for k, v in sorted(per_worker.items())) +
-                                    f" | {n_tokens / max(time.perf_counter() - (t0 or 0), 1e-9):.0f} tok/s", refresh=False)
+                                    f" | {rate:.0f} tok/s", refresh=False)
     finally:
         bar.close()
         for a in actors.values():              # Ctrl-C / error: what finished is on disk; the rest reruns
@@ -337,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker-cpus", type=float, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--max-context", type=int, default=4096)
+    ap.add_argument("--max-context", type=int, default=None, help="default: each worker's plan")
     ap.add_argument("--expert-backend", default="auto")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--local-cpus", type=int, default=None)
@@ -353,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hybrid batch --ray: error: {e}", file=sys.stderr)
         return 2
     print(f"batch --ray: {c['results']} results, {c['errors']} error records, {c['skipped']} already done, "
-          f"{c['retried']} retried, {c['workers_lost']} workers lost; {c['records_per_s']:.2f} rec/s, "
+          f"{c['resent']} sent again, {c['workers_lost']} workers lost; {c['records_per_s']:.2f} rec/s, "
           f"{c['tokens_per_s']:.1f} tok/s; per worker {c['per_worker']}")
     return 0
 

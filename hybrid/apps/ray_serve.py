@@ -158,6 +158,11 @@ class EngineReplica:
         if msg["type"] != "lifespan.startup.complete":
             raise RuntimeError(f"server startup failed: {msg.get('message')}")
 
+    async def check_health(self) -> None:
+        """Ray Serve's periodic health check: starts the engine thread early, and a replica whose server
+        cannot start is reported unhealthy (Ray Serve replaces it) instead of failing every request."""
+        await self._lifespan()
+
     def whoami(self) -> dict:
         return {"replica": self.name, "pid": os.getpid(), "served": self.served}
 
@@ -280,7 +285,7 @@ def build_app(model_dir, *, replicas: int = 2, model_name: str | None = None, ap
     from ray.serve.config import RequestRouterConfig
     model_dir = str(Path(model_dir).resolve())
     res = worker_resources(ray, model_dir, llm_kwargs, replicas, num_cpus, num_gpus, memory)
-    max_batch = llm_kwargs.get("max_batch", 16)
+    max_batch = llm_kwargs.get("max_batch") or 16
     engine = serve.deployment(
         EngineReplica, name="hybrid-engine", num_replicas=replicas,
         ray_actor_options=res,
@@ -330,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--served-model-name", default=None)
     ap.add_argument("--replica-cpus", type=float, default=None)
     ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--max-context", type=int, default=4096)
+    ap.add_argument("--max-context", type=int, default=None, help="default: each replica's plan")
     ap.add_argument("--local-cpus", type=int, default=None)
     ap.add_argument("--allow-colocated", action="store_true", help="several replicas on one node (tests)")
     a = ap.parse_args(argv)

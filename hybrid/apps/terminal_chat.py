@@ -362,6 +362,9 @@ def run_chat(llm, thinking: bool = True, system: str | None = None, sampling: Sa
             console.print(f"error: {e}", style="red", markup=False)
             images = []
             continue
+        except KeyboardInterrupt:             # Ctrl-C before the answer started: nothing was sent
+            console.print("[stopped]", style="yellow", markup=False)
+            continue
         if kept > first:
             dropped = sum(1 for m in history[first:kept] if m["role"] == "user")
             left = sum(1 for m in history[kept:] if m["role"] == "user")
@@ -379,6 +382,9 @@ def run_chat(llm, thinking: bool = True, system: str | None = None, sampling: Sa
             result, _ = stream_turn(llm, console, messages, sampling, thinking)
         except ValueError as e:               # e.g. a template error on a loaded conversation
             console.print(f"error: {e}  (/reset starts over)", style="red", markup=False)
+            continue
+        except KeyboardInterrupt:             # before stream_turn took over Ctrl-C
+            console.print("[stopped]", style="yellow", markup=False)
             continue
         if result is not None:
             history += [new, result.message.to_dict()]
