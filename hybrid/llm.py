@@ -49,7 +49,7 @@ class LLM:
                  num_threads: int | None = None, accel_threads: int | None = None,
                  max_batch: int = 16, max_context: int | None = None, max_prefill_tokens: int = 2048,
                  cache_tokens: int | None = None, kv_cache_dtype: str = "auto", block_size: int = 64,
-                 enable_prefix_caching: bool = True, gpu_weights: str = "bf16",
+                 enable_prefix_caching: bool = True, gpu_weights: str = "bf16", cpu_weights: str = "off",
                  gpu_experts: int = 0, expert_streaming: str = "off", expert_rates=None,
                  expert_cache: bool | str | Path = False, check_memory: bool = True, progress: bool = True,
                  image_limits=None):
@@ -60,6 +60,9 @@ class LLM:
             accelerator side when it runs on the CPU (torch.set_num_threads).
         gpu_weights: "bf16" keeps the accelerator-side weights in `dtype`; "int8" / "fp8" quantizes
             them at load (weight-only, per output channel).
+        cpu_weights: on a CPU-only machine, "bf16" | "int8" runs the accelerator side's matrix-vector
+            products (decode, up to 16 rows) through our Numba kernels (hybrid/model/cpu_linear.py) on
+            the checkpoint's bf16 values or per-channel int8; "off" (the default) keeps torch's Linears.
         gpu_experts: keep the N most used routed experts of MODEL_DIR/routing_profile.json
             (`hybrid profile`) on the accelerator.
         expert_streaming: "off" | "auto" (per-layer cost model fed by expert_rates, see
@@ -110,6 +113,14 @@ class LLM:
         self.expert_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybrid-experts")
         self.model = load_model(self.checkpoint, self.device, self.dtype, self.expert_backend, self.expert_worker,
                                 num_threads, progress, cache_dir, expert_act_format)
+        if cpu_weights not in ("off", "bf16", "int8"):
+            raise ValueError(f"cpu_weights {cpu_weights!r}: choose off, bf16 or int8")
+        if cpu_weights != "off":
+            if self.device.type != "cpu" or gpu_weights != "bf16":
+                raise ValueError("cpu_weights applies when the accelerator side runs on the CPU (device='cpu'), "
+                                 "without gpu_weights")
+            from hybrid.model.cpu_linear import swap_cpu_linears
+            swap_cpu_linears(self.model, cpu_weights)
         if gpu_weights != "bf16":
             from hybrid.model.int8_linear import quantize_model_linears
             quantize_model_linears(self.model, gpu_weights)
@@ -169,7 +180,10 @@ class LLM:
 
     def placement(self) -> dict:
         """What lives where, in bytes (see hybrid/model/inventory.py)."""
-        return placement_summary(self.model, self.engine.cache)
+        summary = placement_summary(self.model, self.engine.cache)
+        if self.vision is not None:
+            summary["accelerator"]["vision tower"] = sum(p.numel() * p.element_size() for p in self.vision.parameters())
+        return summary
 
     # ---- scoring ----------------------------------------------------------------------
     def _check_ids(self, token_ids, what: str = "token_ids") -> torch.Tensor:

@@ -118,7 +118,7 @@ def predict(config: ModelConfig, plan, hw: Hardware, prefill_tokens: int, *, exp
     Prefill of one prompt of T tokens: per MoE layer min(cpu(T), stream(T)) from
     hybrid/experts/streaming.py, plus the accelerator side at 2 flop per weight per token and
     the causal attention (T^2/2 * H * (d_qk + d_v) * 2 flop per layer) at gpu_tflops
-    (on a CPU-only machine: torch's matmul GFLOP/s for `dtype` where measured, else cpu_gflops);
+    (on a CPU-only machine: torch's matmul GFLOP/s for `dtype`, float32 with cpu_weights, where measured, else cpu_gflops);
     prefill tok/s = T / total."""
     c = config
     gpu = plan.on_gpu and hw.has_gpu
@@ -155,7 +155,8 @@ def predict(config: ModelConfig, plan, hw: Hardware, prefill_tokens: int, *, exp
 
     attn_flops = c.num_hidden_layers * (T * T / 2) * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * 2
     flops = 2 * params * T + attn_flops
-    cpu_mm = hw.matmul_gflops.get(str(dtype).replace("torch.", "")) if dtype else None
+    mm_dtype = "float32" if cpu_weights in ("bf16", "int8") else (str(dtype).replace("torch.", "") if dtype else None)
+    cpu_mm = hw.matmul_gflops.get(mm_dtype) if mm_dtype else None     # CPULinear's prefill runs in fp32
     t_dense = flops / ((hw.gpu_tflops * 1e12) if gpu else ((cpu_mm or hw.cpu_gflops) * 1e9))
     plan.predicted_prefill_tok_s = T / (t_exp + t_dense)
     plan.prediction = {

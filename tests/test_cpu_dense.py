@@ -162,3 +162,20 @@ def test_swapped_model_generates_like_the_prefill_path(tiny_dir):
     toks = list(out.token_ids)
     logits = llm.score(prompt + toks[:-1]).float()
     assert logits[len(prompt) - 1:].argmax(-1).tolist() == toks
+
+
+TOL_LLM_BF16 = 1e-4      # fp32 accumulation in another order over the same bf16 weight values
+
+
+def test_llm_cpu_weights_option(tiny_dir):
+    """LLM(cpu_weights="bf16") scores like the default torch Linears (exact weights, fp32 sums);
+    cpu_weights on a non-CPU setting or an unknown value is an error."""
+    import hybrid
+    ids = list(range(3, 40))
+    base = hybrid.LLM(tiny_dir, device="cpu", expert_backend="torch", progress=False, max_context=256)
+    ours = hybrid.LLM(tiny_dir, device="cpu", expert_backend="torch", progress=False, max_context=256,
+                      cpu_weights="bf16")
+    a, b = base.score(ids), ours.score(ids)
+    assert (a - b).abs().max() <= TOL_LLM_BF16 * a.abs().max()
+    with pytest.raises(ValueError, match="cpu_weights"):
+        hybrid.LLM(tiny_dir, device="cpu", progress=False, max_context=256, cpu_weights="fp4")

@@ -14,7 +14,7 @@ import pytest
 from hybrid.config import load_config
 from hybrid.apps.cli import cli_plan
 from hybrid.apps.cli import main
-from hybrid.plan import (GIB, Hardware, PlanError, default_max_context, expert_bytes, format_plan, kv_cache_bytes,
+from hybrid.plan import (GIB, accelerator_parts, Hardware, PlanError, default_max_context, expert_bytes, format_plan, kv_cache_bytes,
                          machine_memory, make_plan, parse_size, plan_to_json)
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -45,8 +45,10 @@ def test_k26_bytes(k26):
     assert p.parts["dense_mlp"] == 3 * 18432 * 7168 * 2
     assert p.parts["shared_experts"] == 60 * 3 * 2048 * 7168 * 2
     assert p.parts["lm_head"] == p.parts["embed_tokens"] == 163840 * 7168 * 2
-    params = (p.gpu_weights_bytes - p.parts["router"]) / 2
+    vision = p.parts["vision_tower"] + p.parts["vision_activations"]
+    params = (p.gpu_weights_bytes - p.parts["router"] - vision) / 2
     assert 11.5e9 < params < 11.8e9                                   # the ~11.6B GPU-resident part
+    assert 0.4e9 < p.parts["vision_tower"] / 2 < 0.5e9                # MoonViT + projector, ~0.47B in bf16
     assert p.pinned_bytes > 0 and p.stream_buffer_bytes == 2 * 32 * per_expert
 
 
@@ -86,7 +88,9 @@ def test_24gb_bf16_does_not_fit_and_advice_says_int8(k26):
     assert any("--gpu-weights int8" in a and "fits" in a for a in p.advice), p.advice
     q = plan(k26, gpu_weights="int8")
     assert q.fits_gpu and q.fits and not q.advice
-    assert q.gpu_weights_bytes < 0.6 * p.gpu_weights_bytes
+    vision = p.parts["vision_tower"] + p.parts["vision_activations"]     # the tower stays bf16
+    assert q.parts["vision_tower"] == p.parts["vision_tower"]
+    assert q.gpu_weights_bytes - vision < 0.6 * (p.gpu_weights_bytes - vision)
     assert plan(k26, gpu_weights="fp8").gpu_weights_bytes == q.gpu_weights_bytes
 
 
@@ -300,3 +304,19 @@ def test_old_option_names_still_read_the_same(k26, capsys):
     a = json.loads(capsys.readouterr().out)
     old = cli_plan([str(K26), "--gpu-mem", "24GB", "--ram", "1TB", "--context", "8192", "--batch", "2", "--json"])
     assert new == old and a == json.loads(capsys.readouterr().out) and (a["context"], a["batch"]) == (8192, 2)
+
+
+def test_vision_weights_counted_as_the_checkpoint_holds_them(tiny_dir):
+    """The plan's vision part equals the parameters of the vision_tower.* / mm_projector.* tensors that the
+    synthetic K2.6 checkpoint holds (read from the safetensors headers, not from our formula)."""
+    from safetensors import safe_open
+    config = load_config(tiny_dir)
+    n = 0
+    for shard in sorted(Path(tiny_dir).glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():
+                if name.startswith(("vision_tower.", "mm_projector.")):
+                    n += f.get_slice(name).get_shape().numel() if hasattr(f.get_slice(name).get_shape(), "numel") \
+                        else int(__import__("math").prod(f.get_slice(name).get_shape()))
+    assert n > 0
+    assert accelerator_parts(config, "bf16")["vision_tower"] == 2 * n

@@ -52,6 +52,9 @@ def _model_options() -> argparse.ArgumentParser:
                    help="accelerator-side dtype (default: bfloat16 on a GPU, float32 on the CPU)")
     g.add_argument("--gpu-weights", default="bf16", choices=["bf16", "int8", "fp8"],
                    help="accelerator-side weights as loaded (bf16) or quantized to 8 bits at load")
+    g.add_argument("--cpu-weights", default="off", choices=["off", "bf16", "int8"],
+                   help="no GPU: the accelerator side's decode matrix-vector products through our kernels "
+                        "(bf16 exact, int8 half the bytes); default off (torch)")
     g.add_argument("--gpu-experts", type=int, default=0,
                    help="keep the N most used routed experts on the accelerator (needs `hybrid profile`)")
     g.add_argument("--expert-cache", nargs="?", const=True, default=False, metavar="FOLDER",
@@ -93,7 +96,8 @@ def llm_options(args) -> dict:
     kw = dict(device=args.device, expert_backend=args.expert_backend, expert_act_format=args.expert_act_format,
               num_threads=args.threads, accel_threads=args.accel_threads, max_batch=args.max_batch,
               max_context=args.max_context, dtype=args.dtype, gpu_weights=args.gpu_weights,
-              gpu_experts=args.gpu_experts, expert_streaming=args.expert_streaming, expert_cache=args.expert_cache,
+              gpu_experts=args.gpu_experts, cpu_weights=args.cpu_weights, expert_streaming=args.expert_streaming,
+              expert_cache=args.expert_cache,
               kv_cache_dtype=args.kv_cache_dtype, cache_tokens=args.cache_tokens,
               enable_prefix_caching=not args.no_prefix_caching)
     return {k: v for k, v in kw.items() if v is not None}
@@ -227,7 +231,7 @@ def load_llm(args, progress: bool = True):
     llm = LLM(args.model_dir, device=args.device, expert_backend=args.expert_backend,
               expert_act_format=args.expert_act_format, num_threads=args.threads,
               accel_threads=args.accel_threads, max_batch=args.max_batch, max_context=args.max_context,
-              dtype=args.dtype, gpu_weights=args.gpu_weights, gpu_experts=args.gpu_experts,
+              dtype=args.dtype, gpu_weights=args.gpu_weights, gpu_experts=args.gpu_experts, cpu_weights=args.cpu_weights,
               expert_streaming=args.expert_streaming, expert_cache=args.expert_cache, progress=progress, **extra)
     if cache is not None:
         after = _cache_state(cache)

@@ -36,6 +36,8 @@ KV_SCALE_BYTES = 8                # 8-bit cache: an fp32 scale for the latent an
 PREFILL_CHUNK = 2048              # tokens per prefill step (sizes the pinned activation buffers)
 STREAM_CHUNK_EXPERTS = 32         # experts per streaming buffer (two buffers)
 MIN_CONTEXT = 1024                # shortest context the advice offers (shorter models: their maximum)
+VISION_MAX_PATCHES = 32768       # patches in one tower call (hybrid/media: up to 16 images per request)
+VISION_CACHE_BYTES = 256 << 20   # encoded images kept by content (hybrid/media/encode.py)
 ROOM_CONVERSATION = 8192          # "M conversations of 8K" in the cache-room line
 # The flags of chat / serve / plan that each planned option maps to (the suggestions print these).
 FLAGS = {"context": "--max-context", "batch": "--max-batch", "gpu_weights": "--gpu-weights",
@@ -128,6 +130,10 @@ def accelerator_parts(config: ModelConfig, fmt: str, dense_bytes: int = 2) -> di
     out["embed_tokens"] = c.vocab_size * c.hidden_size * dense_bytes
     norms = c.num_hidden_layers * (2 * c.hidden_size + c.kv_lora_rank + (c.q_lora_rank or 0)) + c.hidden_size
     out["norms"] = norms * dense_bytes
+    if c.vision is not None:          # K2.5/K2.6: MoonViT tower + projector in the model dtype (hybrid/model/vision.py)
+        out["vision_tower"] = c.vision.weight_count() * dense_bytes
+        # one call's activations at the largest image budget, and the encoder's content cache
+        out["vision_activations"] = c.vision.activation_bytes(VISION_MAX_PATCHES, dense_bytes) + VISION_CACHE_BYTES
     return out
 
 
