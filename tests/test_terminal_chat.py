@@ -102,8 +102,9 @@ def test_paste_block_ctrl_c_save_load_and_history(model_dir, tmp_path):
     _turn(child, '"""\r')
     assert "max_tokens = None" in _command(child, "/set max_tokens none", r"max_tokens = None")
     child.send("tell me a very long story\r")
-    time.sleep(3)                                            # mid-answer: it runs to the 2048-token context
-    child.sendintr()
+    child.expect("tell me a very long story")                # the line is taken (echoed) ...
+    time.sleep(0.3)                                          # ... and the answer is under way: it would run to
+    child.sendintr()                                         # the context's end, ~2 s on a quiet machine
     child.expect(r"\[stopped\]", timeout=LOAD_S)
     child.expect(PROMPT)
     assert "temperature = 0.5" in _command(child, "/set temperature 0.5", r"temperature = 0.5")
