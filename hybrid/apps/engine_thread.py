@@ -49,8 +49,10 @@ class EngineThread:
         self._inbox.put(("abort", rid))
 
     def load(self) -> dict:
+        cache = {k: v for k, v in (getattr(self.engine, "stats", None) or {}).items()
+                 if k in ("preemptions", "prefix_hit_tokens", "blocks_total", "blocks_used", "blocks_cached")}
         return {"running": len(self._sinks), "waiting": len(getattr(self.engine, "waiting", []) or []),
-                **self.stats}
+                **self.stats, **cache}
 
     async def add(self, prompt_ids: list[int], params, sink, media=None) -> str:
         """Queue a request; returns its id once the engine accepted it, raises the engine's

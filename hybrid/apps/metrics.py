@@ -47,6 +47,17 @@ class _EngineCollector:
             g = GaugeMetricFamily("hybrid_kv_cache_usage_ratio", "KV cache blocks (or slots) in use / all")
             g.add_metric([], usage)
             yield g
+        es = dict(getattr(engine, "stats", None) or {})       # the paged cache's counters (hybrid/engine.py)
+        for key, kind, doc in (("preemptions", CounterMetricFamily, "sequences preempted when the cache ran out"),
+                               ("prefix_hit_tokens", CounterMetricFamily, "prompt tokens taken from the prefix cache"),
+                               ("prefill_tokens", CounterMetricFamily, "prompt tokens prefilled"),
+                               ("blocks_total", GaugeMetricFamily, "KV cache blocks in the pool"),
+                               ("blocks_used", GaugeMetricFamily, "KV cache blocks held by running sequences"),
+                               ("blocks_cached", GaugeMetricFamily, "KV cache blocks kept for prefix reuse")):
+            if isinstance(es.get(key), (int, float)):
+                m = kind(f"hybrid_{key}", doc)
+                m.add_metric([], float(es[key]))
+                yield m
         steps = CounterMetricFamily("hybrid_engine_steps", "engine steps (forwards) run")
         steps.add_metric([], float(runner.stats.get("steps", 0)))
         yield steps
