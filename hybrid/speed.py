@@ -129,7 +129,8 @@ def predict(config: ModelConfig, plan, hw: Hardware, prefill_tokens: int, *, exp
     hit = expected_experts_hit(E, k, B) if n_moe else 0.0
     cpu_bytes = n_moe * hit * eb * (1 - frac_gpu)
     t_cpu = cpu_bytes / (hw.ram_bandwidth_gbs * hw.cpu_kernel_efficiency * 1e9)
-    dense = sum(v for p, v in plan.parts.items() if p != "embed_tokens")
+    # read every decode step: everything but the embedding table and the vision tower (prefill of images only)
+    dense = sum(v for p, v in plan.parts.items() if p != "embed_tokens" and not p.startswith("vision"))
     kv_read = B * c.num_hidden_layers * (plan.context / 2) * (c.kv_lora_rank + c.qk_rope_head_dim) * kv_bytes
     path = None if gpu else dense_path(dtype, cpu_weights)
     if path in hw.dense_gbs and path in PATH_BYTES:
