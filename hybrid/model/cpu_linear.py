@@ -26,7 +26,7 @@ from torch import nn
 
 from cpu_kernels.dense import linear_bf16, linear_int8
 from gpu_kernels import quantize_weight_8bit
-from hybrid.model.int8_linear import QUANTIZABLE
+from hybrid.model.int8_linear import swap_linears
 
 FORMATS = ("bf16", "int8")
 DECODE_ROWS = 16                 # calls with more rows (prefill) go through torch's matmul
@@ -115,15 +115,4 @@ def swap_cpu_linears(model: nn.Module, fmt: str = "bf16", lm_head: bool = True) 
         return {"swapped": 0, "bytes_before": 0, "bytes_after": 0}
     if fmt not in FORMATS:
         raise ValueError(f"cpu weight format {fmt!r} is not supported; choose off, {', '.join(FORMATS)}")
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-             and (QUANTIZABLE.match(n) or (lm_head and n == "lm_head"))]
-    before = after = 0
-    for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, attr)
-        new = CPULinear.from_linear(old, fmt)
-        before += old.weight.numel() * old.weight.element_size()
-        after += new.nbytes
-        setattr(parent, attr, new)
-    return {"swapped": len(names), "bytes_before": before, "bytes_after": after}
+    return swap_linears(model, lambda old: CPULinear.from_linear(old, fmt), lm_head)

@@ -70,6 +70,13 @@ def quantize_model_linears(model: nn.Module, fmt: str = "int8", lm_head: bool = 
         return {"swapped": 0, "bytes_before": 0, "bytes_after": 0}
     if fmt not in FORMATS:
         raise ValueError(f"gpu weight format {fmt!r} is not supported; choose bf16, {', '.join(FORMATS)}")
+    return swap_linears(model, lambda old: Int8Linear.from_linear(old, fmt), lm_head)
+
+
+def swap_linears(model: nn.Module, make, lm_head: bool = True) -> dict:
+    """Replace each accelerator-side nn.Linear matched by QUANTIZABLE (and lm_head when `lm_head`) with
+    make(old), in place; the one loop behind quantize_model_linears and cpu_linear.swap_cpu_linears.
+    `make(old).nbytes` is its size. Returns {"swapped": n, "bytes_before": b0, "bytes_after": b1}."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
              and (QUANTIZABLE.match(n) or (lm_head and n == "lm_head"))]
     before = after = 0
@@ -77,7 +84,7 @@ def quantize_model_linears(model: nn.Module, fmt: str = "int8", lm_head: bool = 
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, attr)
-        new = Int8Linear.from_linear(old, fmt)
+        new = make(old)
         before += old.weight.numel() * old.weight.element_size()
         after += new.nbytes
         setattr(parent, attr, new)
