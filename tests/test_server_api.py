@@ -21,7 +21,6 @@ from prometheus_client.parser import text_string_to_metric_families
 import hybrid
 from hybrid.apps import openai_protocol as protocol
 from hybrid.apps.server import CHAT_PAGE, create_app
-from hybrid.synthetic import write_checkpoint
 from test_server import _Server
 
 TOL_LOGPROB = 2e-2   # cached batched decode vs one full forward (fp32; int8 activations per row)
@@ -29,9 +28,8 @@ USER = [{"role": "user", "content": "Hello there"}]
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    path = write_checkpoint(tmp_path_factory.mktemp("api") / "tiny", "tiny")
-    return hybrid.LLM(path, progress=False, max_context=512, max_batch=8)
+def llm(tiny_dir):                 # the session's tiny checkpoint (tests/conftest.py); read only
+    return hybrid.LLM(tiny_dir, progress=False, max_context=512, max_batch=8)
 
 
 @pytest.fixture(scope="module")

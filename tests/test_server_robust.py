@@ -21,7 +21,6 @@ import pytest
 import hybrid
 import hybrid.text.grammar as grammar
 from hybrid.apps.server import create_app
-from hybrid.synthetic import write_checkpoint
 from test_server import _Server
 
 STREAM_TOKENS = 48
@@ -50,9 +49,8 @@ RAW_HOSTILE = ['{"messages": ' + DEEP + "}", '{"temperature": NaN, "messages": [
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    path = write_checkpoint(tmp_path_factory.mktemp("robust") / "tiny", "tiny")
-    return hybrid.LLM(path, progress=False, max_context=512, max_batch=10)
+def llm(tiny_dir):                 # the session's tiny checkpoint (tests/conftest.py); read only
+    return hybrid.LLM(tiny_dir, progress=False, max_context=512, max_batch=10)
 
 
 @pytest.fixture(scope="module")

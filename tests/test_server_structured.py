@@ -21,7 +21,6 @@ import pytest
 import torch
 
 import hybrid
-from hybrid.synthetic import write_checkpoint
 from hybrid.apps.server import create_app
 from hybrid.text.grammar import constraint_for
 from test_server import _Server
@@ -66,9 +65,8 @@ BY_NAME = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    path = write_checkpoint(tmp_path_factory.mktemp("structured") / "tiny", "tiny")
-    return hybrid.LLM(path, progress=False, max_context=512, max_batch=8)
+def llm(tiny_dir):                 # the session's tiny checkpoint (tests/conftest.py); read only
+    return hybrid.LLM(tiny_dir, progress=False, max_context=512, max_batch=8)
 
 
 @pytest.fixture(scope="module")
