@@ -104,33 +104,10 @@ def constrained(llm, sampling: SamplingParams, messages, tools, thinking: bool, 
     The same fields as the OpenAI API: response_format {"type": "json_object"} or {"type": "json_schema",
     "json_schema": {"schema": ...}}; tool_choice "auto" | "none" | "required" | {"type": "function",
     "function": {"name": ...}}. The constraint applies to the answer, after the reasoning (hybrid/text/grammar.py)."""
-    rf = response_format or {}
-    spec = None
-    if rf.get("type") == "json_object":
-        spec = {"kind": "json_object"}
-    elif rf.get("type") == "json_schema":
-        schema = (rf.get("json_schema") or {}).get("schema")
-        if not isinstance(schema, dict):
-            raise ValueError("response_format.json_schema.schema must be a JSON schema object")
-        spec = {"kind": "json_schema", "schema": schema}
-    elif rf.get("type") not in (None, "text"):
-        raise ValueError("response_format.type must be 'text', 'json_object' or 'json_schema'")
-    if tool_choice == "none":
-        tools = None
-    elif tool_choice not in (None, "auto"):
-        named = isinstance(tool_choice, dict) and isinstance((tool_choice.get("function") or {}).get("name"), str)
-        if tool_choice != "required" and not named:
-            raise ValueError("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
-                             "{'name': ...}}")
-        if not tools or spec is not None:
-            raise ValueError("a forced tool_choice needs tools, and cannot be combined with response_format")
-        name = tool_choice["function"]["name"] if named else None
-        first = sum(len(m.get("tool_calls") or []) for m in messages if m.get("role") == "assistant")
-        spec = {"kind": "tool_named" if named else "tool_required", "tools": tools, "tool_name": name,
-                "first_index": first}
+    from hybrid.text.grammar import constraint_for, openai_spec
+    spec, tools = openai_spec(response_format, tool_choice, tools, messages)   # SpecError (a ValueError)
     if spec is None:
         return sampling, tools
-    from hybrid.text.grammar import constraint_for
     c = constraint_for(llm.tokenizer, llm.config.vocab_size, thinking=thinking,
                        reasoning_budget=max_reasoning_tokens, **spec)
     return dataclasses.replace(sampling, constraint=c), tools

@@ -249,18 +249,6 @@ def error_record(e: _Entry) -> dict:
     return rec
 
 
-def _constraint(llm, spec: dict | None, params):
-    """The grammar constraint of response_format / a forced tool_choice (hybrid/text/grammar.py)."""
-    if spec is None:
-        return params
-    from hybrid.text.grammar import GrammarError, constraint_for
-    try:
-        c = constraint_for(llm.tokenizer, llm.config.vocab_size, **spec)
-    except GrammarError as e:
-        raise FieldError("tool_choice" if spec["kind"].startswith("tool") else "response_format", str(e)) from None
-    return dataclasses.replace(params, constraint=c)
-
-
 def _prepare(llm, e: _Entry, defaults: dict, max_tokens: int | None):
     """-> (prompt ids, SamplingParams, chat args or None); FieldError for a bad field."""
     req = e.request
@@ -272,7 +260,7 @@ def _prepare(llm, e: _Entry, defaults: dict, max_tokens: int | None):
         params = protocol.sampling_params(req, defaults, max_tokens=max_tokens, thinking=args.thinking,
                                           logprobs=protocol.chat_logprobs(req))
         prompt, e.media = protocol.chat_inputs(llm, args)      # images: data URLs, or paths next to the input
-        return prompt, _constraint(llm, args.constraint, chat_sampling(params)), args
+        return prompt, protocol.constrain(llm, args.constraint, chat_sampling(params)), args
     if req.get("response_format") is not None:
         raise FieldError("response_format", "response_format applies to 'messages' lines, not to 'prompt'")
     params = protocol.sampling_params(req, defaults, max_tokens=max_tokens,

@@ -20,6 +20,7 @@ import dataclasses
 import math
 
 from hybrid.text.chat_template import validate_messages, validate_tools
+from hybrid.text.grammar import SpecError, openai_spec
 from hybrid.text.output_parser import ParsedMessage
 from hybrid.sampling import SamplingParams
 
@@ -208,26 +209,6 @@ def _developer_as_system(messages):
             for m in messages]
 
 
-def response_format(body: dict) -> dict | None:
-    """response_format -> a constraint spec: json_object, json_schema (strict: always enforced), text."""
-    rf = typed(body, "response_format", "dict")
-    if rf is None or rf.get("type") in (None, "text"):
-        return None
-    if rf.get("type") == "json_object":
-        return {"kind": "json_object"}
-    if rf.get("type") == "json_schema":
-        js = typed(rf, "json_schema", "dict", "response_format.")
-        schema = typed(js or {}, "schema", "dict", "response_format.json_schema.")
-        if schema is None:
-            raise FieldError("response_format.json_schema.schema", "json_schema needs a 'schema' object")
-        return {"kind": "json_schema", "schema": schema}
-    raise FieldError("response_format.type", "response_format.type must be 'text', 'json_object' or 'json_schema'")
-
-
-def _tool_call_count(messages: list[dict]) -> int:
-    return sum(len(m.get("tool_calls") or []) for m in messages if m.get("role") == "assistant")
-
-
 def chat_args(body: dict) -> ChatArgs:
     """messages, tools / tool_choice, response_format and chat_template_kwargs {thinking, ...}."""
     if body.get("messages") is None:
@@ -239,26 +220,11 @@ def chat_args(body: dict) -> ChatArgs:
         raise
     except ValueError as e:
         raise _value_error_param(e, "messages") from None
-    notes, constraint = [], response_format(body)
-    choice = body.get("tool_choice")
-    if choice is not None:
-        named = isinstance(choice, dict) and choice.get("type", "function") == "function" \
-            and isinstance(choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)
-        if choice not in ("none", "auto", "required") and not named:
-            raise FieldError("tool_choice", "tool_choice must be 'none', 'auto', 'required' or "
-                                            "{'type': 'function', 'function': {'name': ...}}")
-        if choice == "none":
-            tools = None
-        elif choice != "auto":
-            if not tools:
-                raise FieldError("tool_choice", f"tool_choice {json.dumps(choice)} needs a non-empty 'tools'")
-            name = choice["function"]["name"] if named else None
-            if named and name not in [t["function"]["name"] for t in tools]:
-                raise FieldError("tool_choice", f"tool_choice names {name!r}, which is not in tools")
-            if constraint is not None:
-                raise FieldError("response_format", "response_format cannot be combined with a forced tool_choice")
-            constraint = {"kind": "tool_named" if named else "tool_required", "tools": tools, "tool_name": name,
-                          "first_index": _tool_call_count(messages)}
+    try:
+        constraint, tools = openai_spec(body.get("response_format"), body.get("tool_choice"), tools, messages)
+    except SpecError as e:
+        raise FieldError(e.param, str(e)) from None
+    notes = []
     kwargs = dict(typed(body, "chat_template_kwargs", "dict") or {})
     thinking = typed(kwargs, "thinking", "bool", "chat_template_kwargs.")
     preserve = typed(kwargs, "preserve_thinking", "bool", "chat_template_kwargs.")
@@ -276,6 +242,19 @@ def chat_args(body: dict) -> ChatArgs:
     if constraint is not None:
         constraint.update(thinking=thinking, reasoning_budget=budget)
     return ChatArgs(messages, tools, thinking, bool(preserve), kwargs, notes, constraint)
+
+
+def constrain(llm, spec: dict | None, params):
+    """params with the grammar constraint of a chat_args spec (hybrid/text/grammar.py); FieldError naming
+    tool_choice or response_format when the grammar cannot be built. The server and batch use it."""
+    if spec is None:
+        return params
+    from hybrid.text.grammar import GrammarError, constraint_for
+    try:
+        c = constraint_for(llm.tokenizer, llm.config.vocab_size, **spec)
+    except GrammarError as e:
+        raise FieldError("tool_choice" if spec["kind"].startswith("tool") else "response_format", str(e)) from None
+    return dataclasses.replace(params, constraint=c)
 
 
 class TemplateFailure(RuntimeError):

@@ -193,17 +193,7 @@ def create_app(llm=None, model_name: str = "model", api_key: str | None = None, 
         out = []
         for i in range(n):
             p = dataclasses.replace(params, seed=params.seed + i) if (params.seed is not None and i) else params
-            if spec is not None:
-                if not any(f.name == "constraint" for f in dataclasses.fields(p)):
-                    raise FieldError("response_format", "structured output is not available in this build")
-                from hybrid.text.grammar import GrammarError, constraint_for
-                try:
-                    c = constraint_for(state.llm.tokenizer, state.llm.config.vocab_size, **spec)
-                except GrammarError as e:
-                    raise FieldError("tool_choice" if spec["kind"].startswith("tool") else "response_format",
-                                     str(e)) from None
-                p = dataclasses.replace(p, constraint=c)
-            out.append(p)
+            out.append(protocol.constrain(state.llm, spec, p))
         return out
 
     async def chat(request: Request):

@@ -208,6 +208,63 @@ class Constraint:
         return fut.result() if fut is not None else self._compute()
 
 
+class SpecError(GrammarError):
+    """A response_format / tool_choice value that cannot be taken; `param` names the request field."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _object(d: dict, name: str, where: str = ""):
+    v = d.get(name)
+    if v is not None and not isinstance(v, dict):
+        raise SpecError(where + name, f"{where + name} must be an object, got {json.dumps(v)[:80]}")
+    return v
+
+
+def openai_spec(response_format, tool_choice, tools: list[dict] | None,
+                messages: list[dict]) -> tuple[dict | None, list[dict] | None]:
+    """OpenAI's response_format and tool_choice -> (the constraint_for arguments, None for free text; the
+    tools to render: None for tool_choice "none"). The one reading of these fields, for the server, batch
+    records and llm.chat; SpecError names the field. A forced call's index follows the calls already made."""
+    spec = None
+    rf = _object({"response_format": response_format}, "response_format")
+    if rf is not None and rf.get("type") not in (None, "text"):
+        if rf.get("type") == "json_object":
+            spec = {"kind": "json_object"}
+        elif rf.get("type") == "json_schema":
+            js = _object(rf, "json_schema", "response_format.")
+            schema = _object(js or {}, "schema", "response_format.json_schema.")
+            if schema is None:
+                raise SpecError("response_format.json_schema.schema", "json_schema needs a 'schema' object")
+            spec = {"kind": "json_schema", "schema": schema}
+        else:
+            raise SpecError("response_format.type",
+                            "response_format.type must be 'text', 'json_object' or 'json_schema'")
+    if tool_choice is None:
+        return spec, tools
+    named = isinstance(tool_choice, dict) and tool_choice.get("type", "function") == "function" \
+        and isinstance(tool_choice.get("function"), dict) and isinstance(tool_choice["function"].get("name"), str)
+    if tool_choice not in ("none", "auto", "required") and not named:
+        raise SpecError("tool_choice", "tool_choice must be 'none', 'auto', 'required' or "
+                                       "{'type': 'function', 'function': {'name': ...}}")
+    if tool_choice == "none":
+        return spec, None
+    if tool_choice == "auto":
+        return spec, tools
+    if not tools:
+        raise SpecError("tool_choice", f"tool_choice {json.dumps(tool_choice)} needs a non-empty 'tools'")
+    name = tool_choice["function"]["name"] if named else None
+    if named and name not in [t["function"]["name"] for t in tools]:
+        raise SpecError("tool_choice", f"tool_choice names {name!r}, which is not in tools")
+    if spec is not None:
+        raise SpecError("response_format", "response_format cannot be combined with a forced tool_choice")
+    first = sum(len(m.get("tool_calls") or []) for m in messages if m.get("role") == "assistant")
+    return {"kind": "tool_named" if named else "tool_required", "tools": tools, "tool_name": name,
+            "first_index": first}, tools
+
+
 def constraint_for(tokenizer, vocab_size: int, kind: str, schema: dict | None = None,
                    tools: list[dict] | None = None, tool_name: str | None = None, thinking: bool = False,
                    reasoning_budget: int | None = None, first_index: int = 0) -> Constraint:
