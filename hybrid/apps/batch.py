@@ -331,8 +331,10 @@ def _run(llm, input_path: Path, output_path: Path, max_tokens, progress: bool, r
     todo = [e for e in read_entries(input_path) if e.key not in done]
     defaults = protocol.generation_defaults(llm.model_dir)
     engine = llm.engine
-    if getattr(llm, "images", None) is not None:   # relative image paths in records: next to the input file
-        llm.images.limits = dataclasses.replace(llm.images.limits, base_dir=str(input_path.parent.resolve()))
+    images = getattr(llm, "images", None)
+    limits = images.limits if images is not None else None
+    if images is not None:                     # relative image paths in records: next to the input file
+        images.limits = dataclasses.replace(limits, base_dir=str(input_path.parent.resolve()))
     window = 2 * engine.max_batch              # requests held in the engine at once
     writer = _Writer(output_path)
     bar = tqdm(total=len(todo), desc="batch", unit="req", disable=not progress, dynamic_ncols=True)
@@ -389,5 +391,7 @@ def _run(llm, input_path: Path, output_path: Path, max_tokens, progress: bool, r
             pass
         bar.close()
         writer.f.close()
+        if images is not None:                 # the LLM's own limits again for its other callers
+            images.limits = limits
     counts["tokens_per_s"] = n_tokens / max(time.perf_counter() - t0, 1e-9)
     return counts

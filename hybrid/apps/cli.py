@@ -222,8 +222,7 @@ def load_llm(args, progress: bool = True):
                  enable_prefix_caching=not args.no_prefix_caching)
     if args.command == "serve":
         from hybrid.media import ImageLimits
-        extra["image_limits"] = ImageLimits(allow_remote=not args.no_remote_images, max_images=args.max_images,
-                                            allow_local=False)
+        extra["image_limits"] = ImageLimits(allow_remote=not args.no_remote_images, max_images=args.max_images)
     cache = None
     if args.expert_cache:
         cache = Path(args.model_dir) / ".hybrid-cache" if args.expert_cache is True else Path(args.expert_cache)
