@@ -32,7 +32,9 @@ BF16_LOGIT_REL_L2_MAX = 1e-4
 INT8_LOGIT_REL_L2_MEAN_MAX = 0.08
 INT8_ARGMAX_MIN = 0.8
 
-SIZES = [(1, 1, 1), (1, 37, 91), (3, 70, 96), (4, 33, 257), (5, 129, 64), (16, 47, 200), (17, 23, 31)]
+# K past one BLOCK_BYTES block (256 bf16 / 512 int8 values), with and without a tail
+SIZES = [(1, 1, 1), (1, 37, 91), (3, 70, 96), (4, 33, 257), (5, 129, 64), (16, 47, 200), (17, 23, 31),
+         (1, 9, 1024), (6, 11, 2051), (4, 5, 513)]
 
 
 def _bf16_bits(a: np.ndarray) -> np.ndarray:
