@@ -238,6 +238,20 @@ def linear_int8(w, scale, x, y):
         _rows_int8(w, scale, x, y, it * ROWS_PER_ITEM, min(N, (it + 1) * ROWS_PER_ITEM))
 
 
+@njit(parallel=True, cache=True)
+def _touch(a):
+    for i in prange(a.shape[0]):
+        a[i] += 1
+
+
+def threading_layer() -> str:
+    """numba's threading layer ("omp", "tbb" or "workqueue"; the last cannot run parallel kernels from two
+    threads at once), after one tiny parallel call so that numba has chosen it."""
+    import numba
+    _touch(np.zeros(4))
+    return numba.threading_layer()
+
+
 def linear(w: np.ndarray, x: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
     """Checked entry point: x fp32 [T, K]; w uint16 (bf16 bits) or int8 [N, K] (+ scale fp32 [N])."""
     x = np.ascontiguousarray(x, dtype=np.float32)

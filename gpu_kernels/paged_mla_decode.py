@@ -16,7 +16,8 @@ before P @ V, so the 8-bit rows are read as they are.
 
 Triton kernel: one program per (sequence, block of heads, split of the keys), as in mla_decode; every
 tile of BLOCK_N keys looks up its block ids in the block table (any page size works). Combine of the
-splits is mla_decode's. Tests: tests/test_paged_kernels.py (interpreter vs reference; reference vs a
+splits is mla_decode's. Without Triton (the CPU), paged_mla_decode_torch runs the batch in one padded gather.
+Tests: tests/test_paged_kernels.py (interpreter vs reference; reference vs a
 contiguous copy through gpu_kernels.mla_decode_ref; 8-bit round trips).
 """
 from __future__ import annotations
@@ -82,6 +83,35 @@ def paged_mla_decode_ref(q_lat, q_pe, ckv, kpe, block_table, lengths, page: int,
         scores = (q_lat[b].float() @ kc.T + q_pe[b].float() @ kp.T) * softmax_scale   # [H, n]
         out[b] = (torch.softmax(scores, dim=-1) @ kc).to(out.dtype)
     return out
+
+
+BATCHED_MAX_ROWS = 1 << 20     # B x longest length up to which paged_mla_decode_torch gathers in one go
+
+
+def paged_mla_decode_torch(q_lat, q_pe, ckv, kpe, block_table, lengths, page: int, softmax_scale: float,
+                           ckv_scale=None, kpe_scale=None, fmt: str | None = None) -> torch.Tensor:
+    """The same result as paged_mla_decode_ref for the whole batch in a fixed number of torch calls (the
+    reference's loop costs ~10 calls per sequence and layer, which dominates a CPU decode step at batch 16):
+    each sequence's rows padded to the longest length, masked to -inf before the softmax. Falls back to the
+    reference when B x longest exceeds BATCHED_MAX_ROWS (the padded gather would be large)."""
+    B = q_lat.shape[0]
+    n_max = int(lengths.max()) if B else 0
+    if n_max == 0 or B * n_max > BATCHED_MAX_ROWS:
+        return paged_mla_decode_ref(q_lat, q_pe, ckv, kpe, block_table, lengths, page, softmax_scale,
+                                    ckv_scale, kpe_scale, fmt)
+    t = torch.arange(n_max, device=q_lat.device)
+    valid = t[None, :] < lengths.to(t.device)[:, None]                                  # [B, n]
+    rows = block_table.long()[:, t // page] * page + t % page
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    kc, kp = ckv[rows], kpe[rows]                                                       # [B, n, R], [B, n, P]
+    if fmt is not None:
+        kc = dequantize_rows(kc.flatten(0, 1), ckv_scale[rows].flatten(), fmt, torch.float32).view(*rows.shape, -1)
+        kp = dequantize_rows(kp.flatten(0, 1), kpe_scale[rows].flatten(), fmt, torch.float32).view(*rows.shape, -1)
+    kc, kp = kc.float(), kp.float()
+    scores = (q_lat.float() @ kc.transpose(1, 2) + q_pe.float() @ kp.transpose(1, 2)) * softmax_scale  # [B, H, n]
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)                 # a sequence of length 0: zeros
+    return (probs @ kc).to(q_lat.dtype)
 
 
 if triton is not None:
@@ -197,7 +227,7 @@ def paged_mla_decode_triton(q_lat, q_pe, ckv, kpe, block_table, lengths, page: i
 def paged_mla_decode(q_lat, q_pe, ckv, kpe, block_table, lengths, page: int, softmax_scale: float,
                      ckv_scale=None, kpe_scale=None, fmt: str | None = None, max_len: int | None = None,
                      triton: bool | None = None) -> torch.Tensor:
-    """o_lat [B,H,R]: Triton on CUDA (or under TRITON_INTERPRET=1), the torch reference otherwise."""
+    """o_lat [B,H,R]: Triton on CUDA (or under TRITON_INTERPRET=1), paged_mla_decode_torch otherwise."""
     if triton is None:
         from . import use_triton
         triton = use_triton(q_lat, q_pe, ckv, kpe)
@@ -206,5 +236,5 @@ def paged_mla_decode(q_lat, q_pe, ckv, kpe, block_table, lengths, page: int, sof
     if triton and ckv.stride(-1) == 1 and kpe.stride(-1) == 1:
         return paged_mla_decode_triton(q_lat, q_pe, ckv, kpe, block_table, lengths, page, softmax_scale,
                                        ckv_scale, kpe_scale, fmt, max_len)
-    return paged_mla_decode_ref(q_lat, q_pe, ckv, kpe, block_table, lengths, page, softmax_scale,
-                                ckv_scale, kpe_scale, fmt)
+    return paged_mla_decode_torch(q_lat, q_pe, ckv, kpe, block_table, lengths, page, softmax_scale,
+                                  ckv_scale, kpe_scale, fmt)

@@ -49,7 +49,7 @@ class LLM:
                  num_threads: int | None = None, accel_threads: int | None = None,
                  max_batch: int = 16, max_context: int | None = None, max_prefill_tokens: int = 2048,
                  cache_tokens: int | None = None, kv_cache_dtype: str = "auto", block_size: int = 64,
-                 enable_prefix_caching: bool = True, gpu_weights: str = "bf16", cpu_weights: str = "off",
+                 enable_prefix_caching: bool = True, gpu_weights: str = "bf16", cpu_weights: str = "auto",
                  gpu_experts: int = 0, expert_streaming: str = "off", expert_rates=None,
                  expert_cache: bool | str | Path = False, check_memory: bool = True, progress: bool = True,
                  image_limits=None):
@@ -62,7 +62,8 @@ class LLM:
             them at load (weight-only, per output channel).
         cpu_weights: on a CPU-only machine, "bf16" | "int8" runs the accelerator side's matrix-vector
             products (decode, up to 16 rows) through our Numba kernels (hybrid/model/cpu_linear.py) on
-            the checkpoint's bf16 values or per-channel int8; "off" (the default) keeps torch's Linears.
+            the checkpoint's bf16 values or per-channel int8; "off" keeps torch's Linears; "auto" (the
+            default): "bf16" on a CPU-only run (same products, half the bytes of float32), else "off".
         gpu_experts: keep the N most used routed experts of MODEL_DIR/routing_profile.json
             (`hybrid profile`) on the accelerator.
         expert_streaming: "off" | "auto" (per-layer cost model fed by expert_rates, see
@@ -97,6 +98,8 @@ class LLM:
         if expert_cache and self.expert_backend != "numba":
             raise ValueError(f"expert_cache keeps the numba kernels' repacked layout; the expert backend is "
                              f"{self.expert_backend!r} (use expert_backend='numba', or no cache)")
+        from hybrid.model.cpu_linear import resolve_cpu_weights
+        self.cpu_weights, self.cpu_weights_why = resolve_cpu_weights(cpu_weights, self.device.type, gpu_weights)
         max_context, cache_tokens = self._cache_size(max_batch, max_context, cache_tokens, kv_cache_dtype,
                                                      gpu_weights, gpu_experts, check_memory)
         self.checkpoint = Checkpoint(self.model_dir, self.config)
@@ -113,14 +116,15 @@ class LLM:
         self.expert_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybrid-experts")
         self.model = load_model(self.checkpoint, self.device, self.dtype, self.expert_backend, self.expert_worker,
                                 num_threads, progress, cache_dir, expert_act_format)
-        if cpu_weights not in ("off", "bf16", "int8"):
-            raise ValueError(f"cpu_weights {cpu_weights!r}: choose off, bf16 or int8")
-        if cpu_weights != "off":
-            if self.device.type != "cpu" or gpu_weights != "bf16":
-                raise ValueError("cpu_weights applies when the accelerator side runs on the CPU (device='cpu'), "
-                                 "without gpu_weights")
-            from hybrid.model.cpu_linear import swap_cpu_linears
-            swap_cpu_linears(self.model, cpu_weights)
+        from hybrid.model.cpu_linear import swap_cpu_linears
+        why = self.cpu_weights_why
+        swapped = swap_cpu_linears(self.model, self.cpu_weights, exact_only=cpu_weights == "auto")
+        if self.cpu_weights != "off" and swapped["kept"]:
+            why += f"; {swapped['kept']} Linears whose weights are not bf16 values keep torch's float Linear"
+        self.cpu_weights_why = why
+        if why.startswith("FALLBACK"):
+            log.warning("cpu_weights: %s", why)
+            print(f"accelerator-side Linears: {why}", file=sys.stderr)
         if gpu_weights != "bf16":
             from hybrid.model.int8_linear import quantize_model_linears
             quantize_model_linears(self.model, gpu_weights)
@@ -160,7 +164,7 @@ class LLM:
         mem = plan.machine_memory()
         gpu = mem["gpu_mem_bytes"] if self.device.type == "cuda" else 0
         kw = dict(gpu_weights=gpu_weights, gpu_experts=gpu_experts, expert_backend=self.expert_backend,
-                  kv_cache_dtype=kv_cache_dtype)
+                  kv_cache_dtype=kv_cache_dtype, cpu_weights=self.cpu_weights)
         if max_context is None:
             max_context = (plan.default_max_context(self.config, gpu, mem["ram_bytes"], batch=1, **kw)
                            if check_memory else min(top, 4096))
@@ -181,6 +185,7 @@ class LLM:
     def placement(self) -> dict:
         """What lives where, in bytes (see hybrid/model/inventory.py)."""
         summary = placement_summary(self.model, self.engine.cache)
+        summary["cpu_weights"] = f"{self.cpu_weights} ({self.cpu_weights_why})"
         if self.vision is not None:
             summary["accelerator"]["vision tower"] = sum(p.numel() * p.element_size() for p in self.vision.parameters())
         return summary

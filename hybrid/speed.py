@@ -30,6 +30,20 @@ def dense_path(dtype: str | None, cpu_weights: str | None) -> str | None:
     return None
 
 
+def interpolate_ms(points: dict, batch: int) -> float:
+    """ms at `batch` from {rows: ms} measured at a few batch sizes: linear between two measured points,
+    held at the nearest one outside them (0 without points)."""
+    pts = sorted((int(b), float(v)) for b, v in points.items())
+    if not pts:
+        return 0.0
+    if batch <= pts[0][0]:
+        return pts[0][1]
+    for (b0, v0), (b1, v1) in zip(pts, pts[1:]):
+        if batch <= b1:
+            return v0 + (v1 - v0) * (batch - b0) / (b1 - b0)
+    return pts[-1][1]
+
+
 def interpolate_rate(rates: dict, batch: int) -> float:
     """GB/s at `batch` rows from {rows: GB/s} measured at a few row counts: time per byte is linear in the
     rows between two measured points (a matrix-vector product turns compute-bound as rows grow), and
@@ -59,6 +73,9 @@ class Hardware:
     # for the paths of dense_path, and {dtype: GFLOP/s} of torch's matmul at prefill sizes
     dense_gbs: dict = field(default_factory=dict, compare=False, hash=False)
     matmul_gflops: dict = field(default_factory=dict, compare=False, hash=False)
+    # a decode step's time beyond reading weights (tools/bench_dense.py step_overhead, CPU-only):
+    # {"per_step_ms": {rows: ms}, "per_layer_ms": {rows: ms}}
+    step_overhead: dict = field(default_factory=dict, compare=False, hash=False)
 
     KEYS = ("ram_bandwidth_gbs", "pcie_gbs", "gpu_bandwidth_gbs", "cpu_kernel_efficiency", "cpu_gflops",
             "gpu_tflops")
@@ -80,7 +97,9 @@ class Hardware:
         mm = {k: float(v) for k, v in (d.get("matmul_gflops") or {}).items()}
         if "float32" not in mm and d.get("fma_peak_gflops"):
             mm["float32"] = float(d["fma_peak_gflops"])
-        hw = cls(**{k: float(d[k]) for k in cls.KEYS}, dense_gbs=dense, matmul_gflops=mm)
+        over = {k: {int(b): float(v) for b, v in r.items()} for k, r in (d.get("step_overhead") or {}).items()
+                if k in ("per_step_ms", "per_layer_ms")}
+        hw = cls(**{k: float(d[k]) for k in cls.KEYS}, dense_gbs=dense, matmul_gflops=mm, step_overhead=over)
         if not 0 < hw.cpu_kernel_efficiency <= 1:
             raise ValueError(f"cpu_kernel_efficiency must be in (0, 1], got {hw.cpu_kernel_efficiency}")
         if hw.ram_bandwidth_gbs <= 0 or hw.cpu_gflops <= 0:
@@ -97,7 +116,7 @@ class Hardware:
 
 
 
-_LINEAR_PARTS = ("attention", "kv_b_proj", "dense_mlp", "shared_experts", "lm_head")
+_LINEAR_PARTS = ("attention", "dense_mlp", "shared_experts", "lm_head")     # kv_b_proj: read in place (torch)
 
 
 def predict(config: ModelConfig, plan, hw: Hardware, prefill_tokens: int, *, expert_bytes: int, params: int,
@@ -114,7 +133,9 @@ def predict(config: ModelConfig, plan, hw: Hardware, prefill_tokens: int, *, exp
     On a CPU-only machine with `dtype` ("float32" | "bfloat16") or `cpu_weights` ("bf16" | "int8":
     CPULinear) given and hw.dense_gbs measured for that path, the Linears take
         params * bytes per weight of the path / dense_gbs[path] at B rows (interpolate_rate)
-    instead of the plan's bytes / ram_bw (the old model, kept when neither is given).
+    instead of the plan's bytes / ram_bw (the old model, kept when neither is given); kv_b_proj (torch's
+    Linear in the model dtype) at the torch path's rate; and with hw.step_overhead measured, the step's
+    time beyond reading weights: per_step_ms(B) + layers * per_layer_ms(B).
     Prefill of one prompt of T tokens: per MoE layer min(cpu(T), stream(T)) from
     hybrid/experts/streaming.py, plus the accelerator side at 2 flop per weight per token and
     the causal attention (T^2/2 * H * (d_qk + d_v) * 2 flop per layer) at gpu_tflops
@@ -133,16 +154,26 @@ def predict(config: ModelConfig, plan, hw: Hardware, prefill_tokens: int, *, exp
     dense = sum(v for p, v in plan.parts.items() if p != "embed_tokens" and not p.startswith("vision"))
     kv_read = B * c.num_hidden_layers * (plan.context / 2) * (c.kv_lora_rank + c.qk_rope_head_dim) * kv_bytes
     path = None if gpu else dense_path(dtype, cpu_weights)
+    t_over = 0.0
     if path in hw.dense_gbs and path in PATH_BYTES:
-        linear_bytes = params * PATH_BYTES[path]
-        other = dense - sum(v for p, v in plan.parts.items() if p in _LINEAR_PARTS)   # router, norms
-        t_gpu = linear_bytes / (interpolate_rate(hw.dense_gbs[path], B) * 1e9) \
+        # kv_b_proj stays torch's Linear in the model dtype (the absorbed decode reads it in place)
+        mdtype = "torch_" + (str(dtype).replace("torch.", "") if dtype else "float32")
+        kvb_params = plan.parts.get("kv_b_proj", 0) / 4      # a CPU-only plan holds it in fp32
+        kvb_bytes = kvb_params * PATH_BYTES.get(mdtype, 4)
+        kvb_rate = interpolate_rate(hw.dense_gbs[mdtype], B) if mdtype in hw.dense_gbs else hw.ram_bandwidth_gbs
+        linear_bytes = (params - kvb_params) * PATH_BYTES[path]
+        other = dense - sum(v for p, v in plan.parts.items() if p in _LINEAR_PARTS or p == "kv_b_proj")  # router, norms
+        t_gpu = linear_bytes / (interpolate_rate(hw.dense_gbs[path], B) * 1e9) + kvb_bytes / (kvb_rate * 1e9) \
             + (other + kv_read) / (hw.ram_bandwidth_gbs * 1e9)
+        over = hw.step_overhead
+        if over:
+            t_over = (interpolate_ms(over.get("per_step_ms", {}), B)
+                      + c.num_hidden_layers * interpolate_ms(over.get("per_layer_ms", {}), B)) / 1e3
     else:
         gpu_bytes = dense + n_moe * hit * eb * frac_gpu + kv_read
         t_gpu = gpu_bytes / ((hw.gpu_bandwidth_gbs if gpu else hw.ram_bandwidth_gbs) * 1e9)
     t_xfer = n_moe * (2 * TRANSFER_LATENCY_S + B * D * 6 / (hw.pcie_gbs * 1e9)) if gpu else 0.0
-    plan.predicted_decode_tok_s = B / (t_cpu + t_gpu + t_xfer)
+    plan.predicted_decode_tok_s = B / (t_cpu + t_gpu + t_xfer + t_over)
 
     T = prefill_tokens
     shape = LayerShape.from_config(c)
@@ -161,7 +192,8 @@ def predict(config: ModelConfig, plan, hw: Hardware, prefill_tokens: int, *, exp
     t_dense = flops / ((hw.gpu_tflops * 1e12) if gpu else ((cpu_mm or hw.cpu_gflops) * 1e9))
     plan.predicted_prefill_tok_s = T / (t_exp + t_dense)
     plan.prediction = {
-        "decode_step_ms": {"cpu_experts": t_cpu * 1e3, "accelerator": t_gpu * 1e3, "transfers": t_xfer * 1e3},
+        "decode_step_ms": {"cpu_experts": t_cpu * 1e3, "accelerator": t_gpu * 1e3, "transfers": t_xfer * 1e3,
+                           "overhead": t_over * 1e3},
         "decode_expert_bytes_per_token": cpu_bytes / B, "accelerator_path": path or ("gpu" if gpu else "ram"),
         "prefill_tokens": T, "prefill_s": {"experts": t_exp, "accelerator": t_dense},
         "prefill_experts_streamed": streamed,

@@ -130,7 +130,7 @@ def _rel_l2(ref, got):
 
 @pytest.fixture(scope="module")
 def tiny_logits(tiny_dir):
-    llm = LLM(tiny_dir, device="cpu", dtype=torch.float32, progress=False)     # default expert backend
+    llm = LLM(tiny_dir, device="cpu", dtype=torch.float32, progress=False, cpu_weights="off")   # torch's Linears
     ids = torch.randint(0, llm.config.vocab_size, (24,), generator=torch.Generator().manual_seed(0)).tolist()
     return llm, ids, _score(llm, ids)
 
@@ -138,7 +138,7 @@ def tiny_logits(tiny_dir):
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])
 def test_swapped_model_logits(tiny_dir, tiny_logits, fmt, monkeypatch):
     _, ids, ref = tiny_logits
-    llm = LLM(tiny_dir, device="cpu", dtype=torch.float32, progress=False)
+    llm = LLM(tiny_dir, device="cpu", dtype=torch.float32, progress=False, cpu_weights="off")
     info = swap_cpu_linears(llm.model, fmt)
     swapped = [n for n, m in llm.model.named_modules() if isinstance(m, CPULinear)]
     assert info["swapped"] == len(swapped) > 0 and "lm_head" in swapped
@@ -155,9 +155,10 @@ def test_swapped_model_logits(tiny_dir, tiny_logits, fmt, monkeypatch):
 
 
 def test_swapped_model_generates_like_the_prefill_path(tiny_dir):
-    """Greedy decode (1-row calls: Numba) and scoring the same text (prefill: torch) agree."""
+    """Greedy decode (1-row calls: Numba) and scoring the same text (prefill: torch) agree, on the
+    default CPU setting (cpu_weights auto = bf16)."""
     llm = LLM(tiny_dir, device="cpu", dtype=torch.float32, progress=False)
-    swap_cpu_linears(llm.model, "bf16")
+    assert any(isinstance(m, CPULinear) for m in llm.model.modules())
     from hybrid import SamplingParams
     prompt = [5, 9, 2, 7]
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
@@ -170,14 +171,50 @@ TOL_LLM_BF16 = 1e-4      # fp32 accumulation in another order over the same bf16
 
 
 def test_llm_cpu_weights_option(tiny_dir):
-    """LLM(cpu_weights="bf16") scores like the default torch Linears (exact weights, fp32 sums);
-    cpu_weights on a non-CPU setting or an unknown value is an error."""
+    """The CPU default (cpu_weights auto) and "bf16" score like torch's float32 Linears (exact weights,
+    fp32 sums) and say so in the placement summary; cpu_weights on a non-CPU setting or an unknown value
+    is an error."""
     import hybrid
     ids = list(range(3, 40))
-    base = hybrid.LLM(tiny_dir, device="cpu", expert_backend="torch", progress=False, max_context=256)
-    ours = hybrid.LLM(tiny_dir, device="cpu", expert_backend="torch", progress=False, max_context=256,
-                      cpu_weights="bf16")
-    a, b = base.score(ids), ours.score(ids)
-    assert (a - b).abs().max() <= TOL_LLM_BF16 * a.abs().max()
+    base = hybrid.LLM(tiny_dir, device="cpu", expert_backend="torch", progress=False, max_context=256,
+                      cpu_weights="off")
+    assert not any(isinstance(m, CPULinear) for m in base.model.modules())
+    a = base.score(ids)
+    for choice in ("auto", "bf16"):
+        ours = hybrid.LLM(tiny_dir, device="cpu", expert_backend="torch", progress=False, max_context=256,
+                          **({} if choice == "auto" else {"cpu_weights": choice}))
+        assert ours.cpu_weights == "bf16" and ours.placement()["cpu_weights"].startswith("bf16")
+        assert sum(isinstance(m, CPULinear) for m in ours.model.modules()) > 0
+        b = ours.score(ids)
+        assert (a - b).abs().max() <= TOL_LLM_BF16 * a.abs().max()
     with pytest.raises(ValueError, match="cpu_weights"):
         hybrid.LLM(tiny_dir, device="cpu", progress=False, max_context=256, cpu_weights="fp4")
+
+
+def test_auto_resolution_and_fallbacks(monkeypatch):
+    """auto: bf16 on the CPU only, off with a GPU or quantized gpu_weights, and a stated fallback when numba's
+    threading layer cannot run two kernels at once; explicit formats where they cannot apply are errors."""
+    assert cpu_linear.resolve_cpu_weights("auto", "cpu")[0] == "bf16"
+    assert cpu_linear.resolve_cpu_weights("auto", "cuda")[0] == "off"
+    assert cpu_linear.resolve_cpu_weights("auto", "cpu", "int8")[0] == "off"
+    assert cpu_linear.resolve_cpu_weights("int8", "cpu")[0] == "int8"
+    with pytest.raises(ValueError, match="CPU"):
+        cpu_linear.resolve_cpu_weights("bf16", "cuda")
+    monkeypatch.setattr(cpu_linear, "threading_layer", lambda: "workqueue")
+    fmt, why = cpu_linear.resolve_cpu_weights("auto", "cpu")
+    assert fmt == "off" and why.startswith("FALLBACK") and "workqueue" in why
+
+
+def test_auto_keeps_linears_that_are_not_bf16_values():
+    """exact_only (the auto default): a float32 weight that bf16 would round stays an nn.Linear."""
+    model = nn.Module()
+    model.lm_head = nn.Linear(64, 8, bias=False)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(torch.randn(8, 64).to(torch.bfloat16).float())     # exact bf16 values
+    info = swap_cpu_linears(model, "bf16", exact_only=True)
+    assert info == {"swapped": 1, "kept": 0, "bytes_before": 8 * 64 * 4, "bytes_after": 8 * 64 * 2}
+    model.lm_head = nn.Linear(64, 8, bias=False)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(torch.randn(8, 64) * (1 + 2 ** -12))              # not bf16 values
+    info = swap_cpu_linears(model, "bf16", exact_only=True)
+    assert info["swapped"] == 0 and info["kept"] == 1 and isinstance(model.lm_head, nn.Linear)

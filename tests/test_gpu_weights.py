@@ -69,7 +69,7 @@ def test_int8_linear_is_the_dequantized_linear():
 
 
 def test_swap_leaves_router_norms_embeddings_experts_and_kv_b(tiny_dir):
-    llm = LLM(tiny_dir, expert_backend="torch", progress=False)
+    llm = LLM(tiny_dir, expert_backend="torch", progress=False, cpu_weights="off")
     m = llm.model
     c = llm.config
     linears = {n for n, mod in m.named_modules() if isinstance(mod, nn.Linear)}
@@ -100,7 +100,7 @@ def test_swap_leaves_router_norms_embeddings_experts_and_kv_b(tiny_dir):
 
 
 def test_lm_head_can_stay_unquantized(tiny_dir):
-    llm = LLM(tiny_dir, expert_backend="torch", progress=False)
+    llm = LLM(tiny_dir, expert_backend="torch", progress=False, cpu_weights="off")
     quantize_model_linears(llm.model, "int8", lm_head=False)
     assert type(llm.model.lm_head) is nn.Linear
     assert isinstance(llm.model.model.layers[0].self_attn.o_proj, Int8Linear)
@@ -111,7 +111,7 @@ def test_lm_head_can_stay_unquantized(tiny_dir):
 def test_plain_and_absorbed_attention_agree_on_the_quantized_model(tiny_dir):
     """A prompt in both forms, and cached one-token decode steps (the batched absorbed path reading
     kv_b_proj as W_UK / W_UV) against a fresh plain forward over the whole prefix."""
-    llm = LLM(tiny_dir, expert_backend="torch", progress=False)
+    llm = LLM(tiny_dir, expert_backend="torch", progress=False, cpu_weights="off")
     quantize_model_linears(llm.model, "int8")
     model = llm.model
     ids = torch.randint(0, llm.config.vocab_size, (7,), generator=torch.Generator().manual_seed(7))

@@ -119,15 +119,22 @@ def test_paged_kernel_under_interpreter(interpreter_verdicts, case):
 
 
 # ---- in-process: the reference and the quantizers (torch only) --------------------------------------
+@pytest.mark.parametrize("impl", ["ref", "torch", "torch_fallback"])
 @pytest.mark.parametrize("page,fmt", [(1, None), (4, None), (16, None), (64, None), (4, "int8"), (16, "fp8")])
-def test_paged_reference_equals_float64_softmax_over_contiguous_keys(page, fmt):
-    """The reference walks the shuffled block tables to the right rows: its output equals softmax
-    attention in float64 over each sequence's keys kept aside contiguously (dequantized for 8-bit)."""
-    from gpu_kernels.paged_mla_decode import paged_mla_decode_ref
+def test_paged_reference_equals_float64_softmax_over_contiguous_keys(page, fmt, impl, monkeypatch):
+    """The reference (per-sequence loop) and the batched torch path (one padded gather, the CPU's; and its
+    fallback to the loop past BATCHED_MAX_ROWS) walk the shuffled block tables to the right rows: the output
+    equals softmax attention in float64 over each sequence's keys kept aside contiguously (dequantized for
+    8-bit); a sequence of length 0 gives zeros."""
+    import importlib
+    pmd = importlib.import_module("gpu_kernels.paged_mla_decode")    # the module (the package exports the function)
+    if impl == "torch_fallback":
+        monkeypatch.setattr(pmd, "BATCHED_MAX_ROWS", 1)
+    fn = pmd.paged_mla_decode_ref if impl == "ref" else pmd.paged_mla_decode_torch
     lengths = [0, 1, page, page + 1, 37]
     q_lat, q_pe, ckv, kpe, cs, ps, table, ln, keys = paged_inputs(5, 3, 24, 8, page, lengths, torch.float32,
                                                                    seed=page, fmt=fmt)
-    got = paged_mla_decode_ref(q_lat, q_pe, ckv, kpe, table, ln, page, 0.3, cs, ps, fmt=fmt)
+    got = fn(q_lat, q_pe, ckv, kpe, table, ln, page, 0.3, cs, ps, fmt=fmt)
     for b, (kc, kp) in enumerate(keys):
         if lengths[b] == 0:
             assert torch.all(got[b] == 0)
@@ -206,14 +213,17 @@ def test_paged_module_imports_nothing_from_hybrid():
     assert proc.stdout.strip().splitlines()[-1] == "[]", f"imported {proc.stdout.strip()}"
 
 
-def test_paged_wrapper_uses_reference_on_cpu():
+def test_paged_wrapper_uses_the_batched_torch_path_on_cpu():
     import gpu_kernels
-    from gpu_kernels.paged_mla_decode import paged_mla_decode, paged_mla_decode_ref
+    from gpu_kernels.paged_mla_decode import paged_mla_decode, paged_mla_decode_ref, paged_mla_decode_torch
     if gpu_kernels.interpreting():
         pytest.skip("this process runs under TRITON_INTERPRET=1")
-    q_lat, q_pe, ckv, kpe, cs, ps, table, ln, _ = paged_inputs(2, 3, 16, 8, 4, [5, 9], torch.float32, 0)
-    args = (q_lat, q_pe, ckv, kpe, table, ln, 4, 0.3)
-    assert torch.equal(paged_mla_decode(*args), paged_mla_decode_ref(*args))
+    for dtype, tol in ((torch.float32, TOL_FP32), (torch.bfloat16, TOL_BF16)):
+        q_lat, q_pe, ckv, kpe, cs, ps, table, ln, _ = paged_inputs(3, 3, 16, 8, 4, [5, 9, 2], dtype, 0)
+        args = (q_lat, q_pe, ckv, kpe, table, ln, 4, 0.3)
+        got = paged_mla_decode(*args)
+        assert got.dtype == dtype and torch.equal(got, paged_mla_decode_torch(*args))
+        torch.testing.assert_close(got.float(), paged_mla_decode_ref(*args).float(), **tol)
 
 
 if __name__ == "__main__":

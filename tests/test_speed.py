@@ -69,10 +69,13 @@ def test_cpu_only_step_uses_the_path_rate(k26, batch, dtype, cpu_weights):
     p, params = _cpu_plan(k26, batch, dtype=dtype, cpu_weights=cpu_weights)
     path = dense_path(dtype, cpu_weights)
     assert p.prediction["accelerator_path"] == path
-    rate = interpolate_rate(Hardware.from_dict(BENCH).dense_gbs[path], batch)
-    linears_ms = params * PATH_BYTES[path] / (rate * 1e9) * 1e3
+    rates = Hardware.from_dict(BENCH).dense_gbs
+    kvb = sum(n * k for n, k in linear_shapes(k26)["kv_b_proj"])     # torch's Linear in the model dtype
+    linears_ms = ((params - kvb) * PATH_BYTES[path] / (interpolate_rate(rates[path], batch) * 1e9)
+                  + kvb * PATH_BYTES["torch_" + dtype] / (interpolate_rate(rates["torch_" + dtype], batch) * 1e9)) * 1e3
     acc = p.prediction["decode_step_ms"]["accelerator"]
     assert linears_ms <= acc <= linears_ms * 1.2          # + router, norms and the KV cache at RAM speed
+    assert p.prediction["decode_step_ms"]["overhead"] == 0.0   # not measured in BENCH
     assert p.predicted_decode_tok_s == pytest.approx(batch * 1e3 / sum(p.prediction["decode_step_ms"].values()))
 
 
@@ -87,6 +90,41 @@ def test_float32_is_slower_than_bf16_storage(k26):
 
 def test_without_dtype_the_old_model_stays(k26):
     old, _ = _cpu_plan(k26, 1)
-    again = make_plan(k26, gpu_mem_bytes=0, ram_bytes=parse_size("2TB"), context=4096, hw=Hardware.from_dict(BENCH))
     assert old.prediction["accelerator_path"] == "ram"
-    assert old.predicted_decode_tok_s == pytest.approx(again.predicted_decode_tok_s)
+    bare = Hardware.from_dict({k: BENCH[k] for k in ("read_bandwidth_gbs", "decode_ratio", "prefill_512_gflops")})
+    again = make_plan(k26, gpu_mem_bytes=0, ram_bytes=parse_size("2TB"), context=4096, hw=bare)
+    dense = sum(v for k, v in again.parts.items() if k != "embed_tokens" and not k.startswith("vision"))
+    kv = again.context / 2 * k26.num_hidden_layers * (k26.kv_lora_rank + k26.qk_rope_head_dim) * 4
+    ms = (dense + kv) / (BENCH["read_bandwidth_gbs"] * 1e9) * 1e3   # no measured dense rates: bytes / ram_bw
+    assert again.prediction["decode_step_ms"]["accelerator"] == pytest.approx(ms, rel=1e-6)
+
+
+def test_make_plan_predicts_the_cpu_default(k26):
+    """Without a GPU, make_plan plans and predicts the default CPU path (cpu_weights auto = bf16 through our
+    kernels: the Linears at 2 bytes a weight, kv_b_proj in fp32), and "off" torch's float32 Linears."""
+    hw = Hardware.from_dict(BENCH)
+    kw = dict(gpu_mem_bytes=0, ram_bytes=parse_size("2TB"), context=4096, hw=hw)
+    auto, off = make_plan(k26, **kw), make_plan(k26, cpu_weights="off", **kw)
+    assert auto.cpu_weights == "bf16" and off.cpu_weights == "off"
+    assert auto.prediction["accelerator_path"] == "numba_bf16" and off.prediction["accelerator_path"] == "torch_float32"
+    lin = linear_shapes(k26)
+    for part in ("attention", "lm_head", "shared_experts"):
+        n = sum(a * b for a, b in lin[part])
+        assert auto.parts[part] == 2 * n and off.parts[part] == 4 * n
+    assert auto.parts["kv_b_proj"] == off.parts["kv_b_proj"] == 4 * sum(a * b for a, b in lin["kv_b_proj"])
+    assert auto.predicted_decode_tok_s > off.predicted_decode_tok_s
+    gpu = make_plan(k26, gpu_mem_bytes=parse_size("48GB"), ram_bytes=parse_size("2TB"), context=4096)
+    assert gpu.cpu_weights == "off"
+
+
+def test_step_overhead_is_added_per_layer_and_step(k26):
+    """With step_overhead measured (tools/bench_dense.py), a CPU-only step costs per_step + layers x per_layer
+    more, interpolated linearly between the measured batch sizes."""
+    over = {"per_step_ms": {"1": 2.0, "16": 5.0}, "per_layer_ms": {"1": 0.5, "16": 2.0}}
+    hw0, hw1 = Hardware.from_dict(BENCH), Hardware.from_dict({**BENCH, "step_overhead": over})
+    for batch, want in ((1, 2.0 + 61 * 0.5), (16, 5.0 + 61 * 2.0), (6, 3.0 + 61 * 1.0), (64, 5.0 + 61 * 2.0)):
+        plans = [make_plan(k26, gpu_mem_bytes=0, ram_bytes=parse_size("2TB"), context=4096, batch=batch, hw=hw)
+                 for hw in (hw0, hw1)]
+        ms = [sum(p.prediction["decode_step_ms"].values()) for p in plans]
+        assert plans[1].prediction["decode_step_ms"]["overhead"] == pytest.approx(want)
+        assert ms[1] - ms[0] == pytest.approx(want)

@@ -3,6 +3,8 @@
     python tools/bench_dense.py [--threads N] [--rows 1,4,16] [--json]
     (also run by tools/bench_experts.py --dense, which adds the figures to its --json output)
 
+Also the decode step's overhead beyond reading weights (step_overhead: per step and per layer, at
+batch 1/4/16, on the tiny synthetic preset), which hybrid/speed.py adds on a CPU-only machine.
 Paths (hybrid/speed.py dense_path names), each on a working set of K2.6-shaped matrices >= 8x the
 last-level cache so every weight comes from DRAM:
   torch_float32   x @ W.T with W float32 (the model in float32, LLM's CPU default);
@@ -166,6 +168,40 @@ def bench_path(path: str, threads: int, rows: list[int], llc: int, rounds: int =
     return res
 
 
+def step_overhead(threads: int, batches=(1, 4, 16), layers=(2, 6), steps: int = 12, rounds: int = 3) -> dict:
+    """Time of a decode step that is not weight reading: torch/numba call overheads, attention on a short
+    cache, sampling, engine bookkeeping. Measured on the `tiny` synthetic preset (the same calls per layer
+    as K2.6, negligible bytes) with the LLM's defaults on the CPU, at two layer counts:
+        step_ms(B, L) = per_step_ms[B] + L * per_layer_ms[B]   (a fit through the two points).
+    Decode time = generate(1 + steps tokens) - generate(1 token) (prefill and the first token cancel)."""
+    import tempfile
+
+    from hybrid import LLM, SamplingParams
+    from hybrid.synthetic import write_checkpoint
+    torch.set_num_threads(threads)
+    numba.set_num_threads(threads)
+    ms = {}
+    for L in layers:
+        d = os.path.join(tempfile.gettempdir(), f"hybrid-overhead-tiny-{L}")
+        if not os.path.exists(os.path.join(d, "config.json")):
+            write_checkpoint(d, "tiny", num_hidden_layers=L, tokenizer=False)
+        llm = LLM(d, device="cpu", max_batch=max(batches), max_context=128, progress=False, check_memory=False)
+        for B in batches:
+            prompts = [[5 + b, 9, 2, 7, 11, 3] for b in range(B)]
+
+            def gen(n):
+                return llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+            gen(1 + steps)                                    # compile / warm up
+            t1 = min(_timeit(lambda: gen(1)) for _ in range(rounds))
+            tn = min(_timeit(lambda: gen(1 + steps)) for _ in range(rounds))
+            ms[B, L] = 1e3 * max(tn - t1, 0.0) / steps
+    (l0, l1) = layers
+    per_layer = {B: max(0.0, (ms[B, l1] - ms[B, l0]) / (l1 - l0)) for B in batches}
+    per_step = {B: max(0.0, ms[B, l0] - l0 * per_layer[B]) for B in batches}
+    return {"per_layer_ms": per_layer, "per_step_ms": per_step,
+            "step_ms": {f"B{B}_L{L}": v for (B, L), v in ms.items()}}
+
+
 def run(threads: int, rows: list[int], llc: int, read_bandwidth, say=print) -> dict:
     """All paths with the read bandwidth right before and after each; the int8 and matmul peaks."""
     out = {"dense_gbs": {}, "dense_ratio": {}, "dense_bw_around": {}}
@@ -182,6 +218,10 @@ def run(threads: int, rows: list[int], llc: int, read_bandwidth, say=print) -> d
     out["matmul_gflops"] = {"float32": matmul_gflops(threads, torch.float32),
                             "bfloat16": matmul_gflops(threads, torch.bfloat16)}
     out["int8_dot_peak_gops"] = int8_dot_peak(threads)
+    out["step_overhead"] = step_overhead(threads)
+    o = out["step_overhead"]
+    say("  decode step overhead (tiny preset, no weight bytes): " + ", ".join(
+        f"batch {B}: {o['per_step_ms'][B]:.2f} ms + {o['per_layer_ms'][B]:.2f} ms/layer" for B in o["per_layer_ms"]))
     say(f"  torch matmul 2048^3: float32 {out['matmul_gflops']['float32']:.0f}, bfloat16 "
         f"{out['matmul_gflops']['bfloat16']:.0f} GFLOP/s; int8 dot peak (vpmaddubsw+vpmaddwd, 256-bit): "
         f"{out['int8_dot_peak_gops']:.0f} GOP/s")

@@ -3,7 +3,7 @@ layer shapes), measured against this machine's own read bandwidth in the same ru
 
     python tools/bench_generate.py [MODEL_DIR] [--batches 1,4,16] [--prompt-len 64] [--steps 8]
                                    [--expert-backend auto] [--dtype float32|bfloat16] [--json]
-                                   [--cpu-weights off|bf16|int8] [--logit-error] [--hw HW.json]
+                                   [--cpu-weights auto|off|bf16|int8] [--logit-error] [--hw HW.json]
 
 MODEL_DIR defaults to /tmp/hybrid-k2slice (written by tools/make_checkpoint.py --preset k2-slice
 if missing). For each batch size B it reports:
@@ -16,8 +16,9 @@ if missing). For each batch size B it reports:
   overhead            share of the step time outside the model's forward (engine bookkeeping,
                       sampling, detokenisation);
   overlap             MoE layer time / max(CPU expert time, accelerator time), per MoE layer, summed.
---cpu-weights bf16|int8 swaps the accelerator-side Linears for hybrid/model/cpu_linear.py's CPULinear
-(our Numba matrix-vector kernels at decode) after loading (CPU only); --logit-error then also reports
+--cpu-weights is LLM's option (default auto: on the CPU, bf16 through hybrid/model/cpu_linear.py's CPULinear,
+our Numba matrix-vector kernels at decode; off: torch's Linears); with --logit-error the model loads with
+"off" and is swapped after the reference logits are taken; --logit-error then also reports
 the logits of a 64-token prompt, every row through the Numba kernels, against the unswapped model
 (rel-L2 per position, argmax agreement). --hw adds hybrid plan's prediction (hybrid/speed.py) beside
 the measured tok/s, with this run's dtype and CPU weight format.
@@ -143,7 +144,8 @@ def predicted(llm, hw_file: str, batch: int, prompt_len: int, steps: int, cpu_we
     hw = Hardware.from_dict(json.load(open(hw_file)))
     mem = machine_memory()
     plan = make_plan(llm.config, gpu_mem_bytes=mem["gpu_mem_bytes"], ram_bytes=mem["ram_bytes"],
-                     context=prompt_len + steps + 8, batch=batch, hw=hw, prefill_tokens=prompt_len)
+                     context=prompt_len + steps + 8, batch=batch, hw=hw, prefill_tokens=prompt_len,
+                     cpu_weights=cpu_weights)
     from hybrid.plan import KV_BYTES, expert_bytes, linear_shapes
     params = sum(n * k for shapes in linear_shapes(llm.config).values() for n, k in shapes)
     predict(llm.config, plan, hw, prompt_len, expert_bytes=expert_bytes(llm.config), params=params,
@@ -164,8 +166,8 @@ def main(argv=None):
                     help="accelerator-side dtype (default: bf16 on a GPU, float32 on the CPU)")
     ap.add_argument("--hw", help="tools/bench_experts.py --json output: adds hybrid plan's predicted tok/s "
                                  "for this machine next to the measured ones")
-    ap.add_argument("--cpu-weights", default="off", choices=["off", "bf16", "int8"],
-                    help="CPU only: accelerator-side Linears as CPULinear (hybrid/model/cpu_linear.py)")
+    ap.add_argument("--cpu-weights", default="auto", choices=["auto", "off", "bf16", "int8"],
+                    help="LLM(cpu_weights=): accelerator-side Linears as CPULinear on the CPU (default auto: bf16)")
     ap.add_argument("--logit-error", action="store_true", help="with --cpu-weights: logits vs the unswapped model")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -176,17 +178,17 @@ def main(argv=None):
         write_checkpoint(args.model_dir, "k2-slice", progress=True)
     threads = os.cpu_count()
     bw = read_bandwidth(threads)
+    swap_later = args.logit_error and args.cpu_weights not in ("off",)
     llm = LLM(args.model_dir, expert_backend=args.expert_backend, max_batch=max(batches), dtype=args.dtype,
-              max_context=args.prompt_len + args.steps + 8, progress=not args.json)
+              max_context=args.prompt_len + args.steps + 8, progress=not args.json,
+              cpu_weights="off" if swap_later else args.cpu_weights)
     err = None
-    if args.cpu_weights != "off":
-        if llm.device.type != "cpu":
-            raise SystemExit("--cpu-weights is for the accelerator side on the CPU")
-        if args.logit_error:
-            err = logit_error(llm, args.cpu_weights)
-        else:
-            from hybrid.model.cpu_linear import swap_cpu_linears
-            swap_cpu_linears(llm.model, args.cpu_weights)
+    cpu_weights = llm.cpu_weights
+    if swap_later:
+        from hybrid.model.cpu_linear import resolve_cpu_weights
+        cpu_weights = resolve_cpu_weights(args.cpu_weights, llm.device.type)[0]
+        if cpu_weights != "off":
+            err = logit_error(llm, cpu_weights)
     timer = ForwardTimer(llm)
     acc_bytes = accelerator_bytes(llm)
     rows = []
@@ -196,17 +198,17 @@ def main(argv=None):
         r["bound_tok_s"] = B / (step_bytes / (bw * 1e9))
         r["of_bound"] = r["decode_tok_s"] / r["bound_tok_s"]
         if args.hw:
-            r.update(predicted(llm, args.hw, B, args.prompt_len, args.steps, args.cpu_weights))
+            r.update(predicted(llm, args.hw, B, args.prompt_len, args.steps, cpu_weights))
         rows.append(r)
     result = {"model_dir": args.model_dir, "read_bandwidth_gbs": bw, "threads": threads,
-              "device": str(llm.device), "dtype": str(llm.dtype), "cpu_weights": args.cpu_weights,
+              "device": str(llm.device), "dtype": str(llm.dtype), "cpu_weights": cpu_weights,
               "read_bandwidth_after_gbs": read_bandwidth(threads), "logit_error": err,
               "accelerator_bytes": acc_bytes, "rows": rows}
     if args.json:
         print(json.dumps(result, indent=2))
         return result
     print(f"read bandwidth {bw:.1f} GB/s before, {result['read_bandwidth_after_gbs']:.1f} after ({threads} "
-          f"threads); accelerator side on {llm.device} ({llm.dtype}, CPU weights {args.cpu_weights}, "
+          f"threads); accelerator side on {llm.device} ({llm.dtype}, CPU weights {cpu_weights}, "
           f"{acc_bytes / 1e9:.2f} GB read per step)")
     if err:
         print(f"logit error of CPU weights {err['format']} vs unswapped ({args.prompt_len} ids): rel-L2 max "

@@ -52,9 +52,10 @@ def _model_options() -> argparse.ArgumentParser:
                    help="accelerator-side dtype (default: bfloat16 on a GPU, float32 on the CPU)")
     g.add_argument("--gpu-weights", default="bf16", choices=["bf16", "int8", "fp8"],
                    help="accelerator-side weights as loaded (bf16) or quantized to 8 bits at load")
-    g.add_argument("--cpu-weights", default="off", choices=["off", "bf16", "int8"],
+    g.add_argument("--cpu-weights", default="auto", choices=["auto", "off", "bf16", "int8"],
                    help="no GPU: the accelerator side's decode matrix-vector products through our kernels "
-                        "(bf16 exact, int8 half the bytes); default off (torch)")
+                        "(bf16: the checkpoint's values; int8: half the bytes again); auto (default): bf16 "
+                        "without a GPU; off: torch's float32 Linears")
     g.add_argument("--gpu-experts", type=int, default=0,
                    help="keep the N most used routed experts on the accelerator (needs `hybrid profile`)")
     g.add_argument("--expert-cache", nargs="?", const=True, default=False, metavar="FOLDER",
@@ -201,7 +202,7 @@ def resolve_context(args, config, device: str) -> None:
         args.max_context = plan.default_max_context(
             config, gpu, mem["ram_bytes"], batch=1, gpu_weights=args.gpu_weights,
             gpu_experts=args.gpu_experts, expert_backend=backend if backend in plan.BACKENDS else "numba",
-            kv_cache_dtype=args.kv_cache_dtype)
+            kv_cache_dtype=args.kv_cache_dtype, cpu_weights=args.cpu_weights)
         _say(f"context: {args.max_context} tokens per sequence, up to {args.max_batch} sequences sharing one cache pool "
              + ("(the model's maximum)" if args.max_context == top else
                 f"(the longest that fits this machine; the model takes up to {top})")
@@ -258,6 +259,8 @@ def _plan_parser():
     ap.add_argument("--gpu-experts", type=int, default=0, help="routed experts kept on the GPU (INT4)")
     ap.add_argument("--kv-cache-dtype", choices=plan.KV_DTYPES, default="auto",
                     help="auto (the model dtype: bf16 on a GPU, fp32 on the CPU), bf16, or 8 bits (fp8, int8)")
+    ap.add_argument("--cpu-weights", choices=plan.CPU_FORMATS, default="auto",
+                    help="no GPU: the Linears' format through our kernels (auto = bf16 without a GPU)")
     ap.add_argument("--expert-backend", default="auto", help="the RAM an expert takes depends on it: "
                     "auto, numba, kt (INT4) or torch, ref (dequantized, 8x)")
     ap.add_argument("--hw", help="JSON file of measured rates (tools/bench_experts.py --json, plus pcie_gbs, "
@@ -288,7 +291,8 @@ def cli_plan(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError as e:
             raise ValueError(f"--hw {args.hw}: not JSON ({e})") from None
     kw = dict(gpu_mem_bytes=gpu_mem, ram_bytes=ram, batch=args.max_batch, gpu_weights=args.gpu_weights,
-              gpu_experts=args.gpu_experts, expert_backend=args.expert_backend, kv_cache_dtype=args.kv_cache_dtype)
+              gpu_experts=args.gpu_experts, expert_backend=args.expert_backend, kv_cache_dtype=args.kv_cache_dtype,
+              cpu_weights=args.cpu_weights)
     context, chosen = args.max_context, args.max_context is None
     if chosen:
         try:

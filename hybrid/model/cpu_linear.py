@@ -13,6 +13,13 @@ DECODE_ROWS rows; longer calls (prefill) widen the weight to fp32 in chunks of o
 torch's fp32 matmul, compute-bound there (also for a bf16 model: torch's bf16 matmul measured 0.3
 GFLOP/s against 147 in fp32 on a 2-core Zen 2 without bf16 FMAs). The output has the input's dtype.
 
+The default (`LLM(cpu_weights="auto")`, resolve_cpu_weights) is "bf16" when the accelerator side runs on the
+CPU without gpu_weights quantization and numba's threading layer can run two kernels at once (omp or
+tbb: the expert worker thread runs its kernels while the main thread runs these): the products are the
+same fp32 products of the same bf16 values as torch's float32 Linear, in another summation order, for
+half the bytes read. A module whose weight is not exactly a bf16 value (a float32 checkpoint) keeps
+torch's Linear under "auto". "int8" halves the bytes again at a measured logit error and stays opt-in.
+
 `swap_cpu_linears(model, fmt)` replaces the same modules as hybrid/model/int8_linear.py's
 quantize_model_linears (QUANTIZABLE + lm_head; kv_b_proj stays: the absorbed decode reads it in place;
 the router stays fp32). Tests: tests/test_cpu_dense.py. Speed: tools/bench_generate.py --cpu-weights.
@@ -24,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cpu_kernels.dense import linear_bf16, linear_int8
+from cpu_kernels.dense import linear_bf16, linear_int8, threading_layer
 from gpu_kernels import quantize_weight_8bit
 from hybrid.model.int8_linear import swap_linears
 
@@ -106,13 +113,47 @@ class CPULinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
 
 
-def swap_cpu_linears(model: nn.Module, fmt: str = "bf16", lm_head: bool = True) -> dict:
+def resolve_cpu_weights(requested: str, device_type: str, gpu_weights: str = "bf16") -> tuple[str, str]:
+    """(format, why) for LLM(cpu_weights=requested): "auto" picks "bf16" on a CPU-only run (see the module
+    docstring) and "off" elsewhere; an explicit "bf16" / "int8" where it cannot apply is an error."""
+    if requested not in ("auto", "off", *FORMATS):
+        raise ValueError(f"cpu_weights {requested!r}: choose auto, off, {', '.join(FORMATS)}")
+    if requested == "auto":
+        if device_type != "cpu":
+            return "off", "the accelerator side runs on the GPU"
+        if gpu_weights != "bf16":
+            return "off", f"gpu_weights={gpu_weights} quantizes those Linears already"
+        layer = threading_layer()
+        if layer not in ("omp", "tbb"):
+            return "off", (f"FALLBACK to torch's Linears: numba's threading layer is {layer!r}, which cannot run "
+                           "these kernels beside the expert kernels (install tbb, or a libgomp for omp)")
+        return "bf16", "auto: CPU-only, the checkpoint's bf16 values through our kernels, half the bytes of float32"
+    if requested != "off" and (device_type != "cpu" or gpu_weights != "bf16"):
+        raise ValueError("cpu_weights applies when the accelerator side runs on the CPU (device='cpu'), "
+                         "without gpu_weights")
+    return requested, "requested" if requested != "off" else "off: torch's Linears"
+
+
+def _bf16_exact(w: torch.Tensor) -> bool:
+    return w.dtype == torch.bfloat16 or torch.equal(w.to(torch.bfloat16).to(w.dtype), w)
+
+
+def swap_cpu_linears(model: nn.Module, fmt: str = "bf16", lm_head: bool = True, exact_only: bool = False) -> dict:
     """Replace the accelerator-side nn.Linear modules of a KimiForCausalLM on the CPU in place.
 
-    fmt "off" (or "auto" resolved by the caller) leaves the model alone. Returns {"swapped": n,
+    fmt "off" leaves the model alone. exact_only (with "bf16", the "auto" default): a module whose weight
+    is not exactly a bf16 value keeps its nn.Linear (counted in "kept"). Returns {"swapped": n, "kept": m,
     "bytes_before": b0, "bytes_after": b1}."""
     if fmt == "off":
-        return {"swapped": 0, "bytes_before": 0, "bytes_after": 0}
+        return {"swapped": 0, "kept": 0, "bytes_before": 0, "bytes_after": 0}
     if fmt not in FORMATS:
         raise ValueError(f"cpu weight format {fmt!r} is not supported; choose off, {', '.join(FORMATS)}")
-    return swap_linears(model, lambda old: CPULinear.from_linear(old, fmt), lm_head)
+    kept = []
+
+    def make(old):
+        if exact_only and fmt == "bf16" and not _bf16_exact(old.weight.detach()):
+            kept.append(old)
+            return old
+        return CPULinear.from_linear(old, fmt)
+    out = swap_linears(model, make, lm_head)
+    return {**out, "kept": len(kept)}

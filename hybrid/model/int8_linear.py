@@ -76,16 +76,19 @@ def quantize_model_linears(model: nn.Module, fmt: str = "int8", lm_head: bool = 
 def swap_linears(model: nn.Module, make, lm_head: bool = True) -> dict:
     """Replace each accelerator-side nn.Linear matched by QUANTIZABLE (and lm_head when `lm_head`) with
     make(old), in place; the one loop behind quantize_model_linears and cpu_linear.swap_cpu_linears.
-    `make(old).nbytes` is its size. Returns {"swapped": n, "bytes_before": b0, "bytes_after": b1}."""
+    `make(old).nbytes` is its size; make may return old (not swapped, not counted). Returns {"swapped": n, "bytes_before": b0, "bytes_after": b1}."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
              and (QUANTIZABLE.match(n) or (lm_head and n == "lm_head"))]
-    before = after = 0
+    before = after = swapped = 0
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, attr)
-        new = make(old)
+        new = make(old)                       # make may return `old` to keep a module as it is
+        if new is old:
+            continue
         before += old.weight.numel() * old.weight.element_size()
         after += new.nbytes
+        swapped += 1
         setattr(parent, attr, new)
-    return {"swapped": len(names), "bytes_before": before, "bytes_after": after}
+    return {"swapped": swapped, "bytes_before": before, "bytes_after": after}

@@ -44,6 +44,8 @@ def format_placement(summary: dict) -> str:
     for kind, n in sorted(summary["accelerator"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  {kind:<18}{gb(n)}")
     lines.append(f"  {'latent KV cache':<18}{gb(summary['kv_cache'])}")
+    if summary.get("cpu_weights") and not summary["cpu_weights"].startswith("off"):
+        lines.append(f"  Linears on the CPU: {summary['cpu_weights']}")
     lines.append(f"routed experts on the CPU ({summary['expert_backend']}):")
     lines.append(f"  {'routed experts':<18}{gb(summary['cpu_experts'])}")
     return "\n".join(lines)

@@ -29,6 +29,7 @@ from hybrid.speed import Hardware, predict
 GIB = 1 << 30
 GPU_FORMATS = ("bf16", "int8", "fp8")
 KV_DTYPES = ("auto", "bf16", "fp8", "int8")
+CPU_FORMATS = ("auto", "off", "bf16", "int8")
 GPU_RESERVE_BYTES = 2 * GIB       # CUDA context, allocator slack, activations of a step
 RAM_RESERVE_BYTES = 8 * GIB       # OS, Python + torch, page cache while reading shards
 KV_BYTES = 2                      # bf16 latent cache
@@ -77,6 +78,7 @@ class Plan:
     fits: bool
     expert_backend: str = "numba"      # RAM per CPU expert depends on it (torch / ref: dequantized, 8x)
     kv_cache_dtype: str = "auto"
+    cpu_weights: str = "off"           # no GPU: the Linears' format through our kernels (resolve_cpu_weights)
     max_position_embeddings: int = 0
     problem: str = ""                  # what does not fit, the largest parts named
     suggestions: list = field(default_factory=list)    # [{"changes": {option: value}, "flags": str, "text": str}]
@@ -116,14 +118,32 @@ def expert_bytes(config: ModelConfig) -> int:
     return int4_expert_nbytes(config.hidden_size, config.moe_intermediate_size, g)
 
 
-def accelerator_parts(config: ModelConfig, fmt: str, dense_bytes: int = 2) -> dict[str, int]:
+def resolve_cpu_weights(cpu_weights: str, on_gpu: bool, gpu_weights: str = "bf16") -> str:
+    """The plan's reading of LLM(cpu_weights=): "auto" is "bf16" without a GPU and without gpu_weights
+    quantization (hybrid/model/cpu_linear.py resolve_cpu_weights; the plan assumes numba's threading layer
+    allows it), else "off"; an explicit format only applies without a GPU."""
+    if cpu_weights not in CPU_FORMATS:
+        raise ValueError(f"cpu_weights {cpu_weights!r} unknown; choose one of {', '.join(CPU_FORMATS)}")
+    if on_gpu or gpu_weights != "bf16":
+        return "off"
+    return "bf16" if cpu_weights == "auto" else cpu_weights
+
+
+def accelerator_parts(config: ModelConfig, fmt: str, dense_bytes: int = 2, cpu_weights: str = "off") -> dict[str, int]:
     """Bytes of the accelerator-side weights by part; `fmt` applies to the Linears (8 bits: + fp32 scale per
-    row) but kv_b_proj, which stays in the model dtype (hybrid/model/int8_linear.py says why)."""
+    row) but kv_b_proj, which stays in the model dtype (hybrid/model/int8_linear.py says why). A resolved
+    `cpu_weights` ("bf16" | "int8", CPU-only) sets the Linears' bytes the same way (kv_b_proj again excepted)."""
     c = config
     out = {}
+    if cpu_weights == "bf16":
+        fmt, dense_linear = "bf16", 2
+    else:
+        fmt, dense_linear = (cpu_weights if cpu_weights == "int8" else fmt), dense_bytes
     for part, shapes in linear_shapes(c).items():
-        if fmt == "bf16" or part == "kv_b_proj":
+        if part == "kv_b_proj":
             out[part] = sum(n * k for n, k in shapes) * dense_bytes
+        elif fmt == "bf16":
+            out[part] = sum(n * k for n, k in shapes) * dense_linear
         else:
             out[part] = sum(n * k + 4 * n for n, k in shapes)
     out["router"] = c.num_moe_layers * c.n_routed_experts * (c.hidden_size + 1) * 4     # fp32
@@ -192,17 +212,18 @@ def machine_memory() -> dict:
 
 # ---- the plan -----------------------------------------------------------------------------------
 def _layout(config, gpu_mem_bytes, context, batch, gpu_weights, gpu_experts, expert_backend="numba",
-            kv_cache_dtype="auto"):
+            kv_cache_dtype="auto", cpu_weights="auto"):
     on_gpu = gpu_mem_bytes > 0
+    cpu_weights = resolve_cpu_weights(cpu_weights, on_gpu, gpu_weights)
     eb = expert_bytes(config)
     cpu_eb = expert_nbytes(expert_backend, config)      # 8x eb for the dequantizing torch / ref backends
     n_experts = config.num_moe_layers * config.n_routed_experts
     dense_bytes = 2 if on_gpu else 4       # on the CPU the accelerator side runs in fp32 (llm.default_dtype)
-    parts = accelerator_parts(config, gpu_weights, dense_bytes)
+    parts = accelerator_parts(config, gpu_weights, dense_bytes, cpu_weights)
     gpu_exp = min(gpu_experts, n_experts) * eb if on_gpu else 0
     stream = 2 * min(STREAM_CHUNK_EXPERTS, config.n_routed_experts) * eb if on_gpu and config.num_moe_layers else 0
     pinned = (stream + 2 * PREFILL_CHUNK * config.hidden_size * (2 + 4) * batch) if on_gpu else 0
-    return dict(on_gpu=on_gpu, parts=parts, gpu_weights_bytes=sum(parts.values()) + gpu_exp,
+    return dict(on_gpu=on_gpu, parts=parts, cpu_weights=cpu_weights, gpu_weights_bytes=sum(parts.values()) + gpu_exp,
                 gpu_expert_bytes=gpu_exp,
                 kv_cache_bytes=kv_cache_bytes(config, context, batch, kv_cache_dtype, dense_bytes),
                 stream_buffer_bytes=stream, gpu_reserve_bytes=GPU_RESERVE_BYTES if on_gpu else 0,
@@ -213,7 +234,7 @@ def _layout(config, gpu_mem_bytes, context, batch, gpu_weights, gpu_experts, exp
 def make_plan(config: ModelConfig, *, gpu_mem_bytes: int, ram_bytes: int, context: int, batch: int = 1,
               gpu_weights: str = "bf16", gpu_experts: int = 0, hw: Hardware | dict | None = None,
               prefill_tokens: int | None = None, expert_backend: str = "numba", kv_cache_dtype: str = "auto",
-              advise: bool = True, hw_source: str = "--hw") -> Plan:
+              cpu_weights: str = "auto", advise: bool = True, hw_source: str = "--hw") -> Plan:
     """Bytes per device for this config and these settings, whether they fit, what does not and the
     smallest changes that would (advise=False skips that), and with `hw` predicted tok/s.
     gpu_mem_bytes = 0 plans a CPU-only machine (everything in RAM)."""
@@ -231,7 +252,8 @@ def make_plan(config: ModelConfig, *, gpu_mem_bytes: int, ram_bytes: int, contex
     if expert_backend not in BACKENDS and expert_backend != "auto":
         raise ValueError(f"expert_backend {expert_backend!r} unknown; choose one of auto, {', '.join(BACKENDS)}")
     expert_backend = "numba" if expert_backend == "auto" else expert_backend   # auto: an INT4 backend (numba | kt)
-    L = _layout(config, gpu_mem_bytes, context, batch, gpu_weights, gpu_experts, expert_backend, kv_cache_dtype)
+    L = _layout(config, gpu_mem_bytes, context, batch, gpu_weights, gpu_experts, expert_backend, kv_cache_dtype,
+                cpu_weights)
     device_side = L["gpu_weights_bytes"] + L["kv_cache_bytes"] + L["stream_buffer_bytes"] + L["gpu_reserve_bytes"]
     gpu_total = device_side if L["on_gpu"] else 0
     ram_total = L["cpu_expert_bytes"] + L["pinned_bytes"] + L["ram_reserve_bytes"] + (0 if L["on_gpu"] else device_side)
@@ -250,7 +272,8 @@ def make_plan(config: ModelConfig, *, gpu_mem_bytes: int, ram_bytes: int, contex
         predict(config, plan, hw, prefill_tokens or min(context, 8192), expert_bytes=expert_bytes(config),
                 params=sum(n * k for shapes in linear_shapes(config).values() for n, k in shapes),
                 kv_bytes=kv_bytes_per_token(config, kv_cache_dtype, 2 if plan.on_gpu else 4)
-                / (config.kv_lora_rank + config.qk_rope_head_dim))
+                / (config.kv_lora_rank + config.qk_rope_head_dim),
+                dtype=None if plan.on_gpu else "float32", cpu_weights=plan.cpu_weights)
         plan.hw_source = hw_source
     return plan
 
@@ -281,6 +304,8 @@ def format_plan(plan: Plan) -> str:
     g = lambda n: f"{n / GIB:10.2f}"  # noqa: E731
     blank = " " * 10
     fmt = plan.gpu_weights if plan.on_gpu or plan.gpu_weights != "bf16" else "fp32 on the CPU"
+    if not plan.on_gpu and plan.cpu_weights != "off":
+        fmt = f"Linears {plan.cpu_weights} through our kernels, the rest fp32"
     kv = plan.kv_cache_dtype if plan.kv_cache_dtype != "auto" else ("bf16" if plan.on_gpu else "fp32")
     rows = [(f"accelerator-side weights ({fmt})",
              plan.gpu_weights_bytes - plan.gpu_expert_bytes, plan.on_gpu)]

@@ -26,7 +26,7 @@ def advise_plan(config, plan: Plan) -> None:
 def _replan(config, plan: Plan, **changes) -> Plan:
     kw = dict(gpu_mem_bytes=plan.gpu_mem_bytes, ram_bytes=plan.ram_bytes, context=plan.context, batch=plan.batch,
               gpu_weights=plan.gpu_weights, gpu_experts=plan.gpu_experts, expert_backend=plan.expert_backend,
-              kv_cache_dtype=plan.kv_cache_dtype)
+              kv_cache_dtype=plan.kv_cache_dtype, cpu_weights=plan.cpu_weights)
     kw.update(changes)
     return make_plan(config, advise=False, **kw)
 
@@ -173,14 +173,15 @@ def _floor(config, plan: Plan) -> str:
 
 def default_max_context(config: ModelConfig, gpu_mem_bytes: int, ram_bytes: int, *, batch: int = 1,
                         gpu_weights: str = "bf16", gpu_experts: int = 0, expert_backend: str = "numba",
-                        kv_cache_dtype: str = "auto") -> int:
+                        kv_cache_dtype: str = "auto", cpu_weights: str = "auto") -> int:
     """The context chat / serve use when none is given (vLLM's max_model_len default, bounded by memory):
     the model's maximum if it fits, else the longest multiple of 256 tokens whose plan fits with
     `batch` sequences (the cache is allocated batch x context). Raises PlanError if even
     min(MIN_CONTEXT, the model's maximum) does not fit."""
     top = config.max_position_embeddings
     kw = dict(gpu_mem_bytes=gpu_mem_bytes, ram_bytes=ram_bytes, batch=batch, gpu_weights=gpu_weights,
-              gpu_experts=gpu_experts, expert_backend=expert_backend, kv_cache_dtype=kv_cache_dtype, advise=False)
+              gpu_experts=gpu_experts, expert_backend=expert_backend, kv_cache_dtype=kv_cache_dtype,
+              cpu_weights=cpu_weights, advise=False)
     if make_plan(config, context=top, **kw).fits:
         return top
     lo = min(MIN_CONTEXT, top)
