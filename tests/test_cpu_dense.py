@@ -34,7 +34,7 @@ INT8_ARGMAX_MIN = 0.8
 
 # K past one BLOCK_BYTES block (256 bf16 / 512 int8 values), with and without a tail
 SIZES = [(1, 1, 1), (1, 37, 91), (3, 70, 96), (4, 33, 257), (5, 129, 64), (16, 47, 200), (17, 23, 31),
-         (1, 9, 1024), (6, 11, 2051), (4, 5, 513)]
+         (1, 9, 1024), (6, 11, 2051), (4, 5, 513), (8, 7, 600), (16, 6, 300), (11, 9, 1030)]
 
 
 def _bf16_bits(a: np.ndarray) -> np.ndarray:
