@@ -2,15 +2,22 @@
 
     python tools/bench_experts.py [--quick] [--json] [--threads N] [--act-format int8|int8x2]
                                   [--prefill-experts E] [--dense | --dense-only]
+                                  [--llamacpp [--llamacpp-rounds R] [--llamacpp-experts E]]
 
 Measures (1) read bandwidth: a STREAM-like parallel sum over 1 GiB (Numba, all threads, best of
-several runs) and (2) the fp32 FMA peak: torch.matmul 2048^3 (OpenBLAS/oneDNN, all threads), then
+several runs), (2) the fp32 FMA peak: torch.matmul 2048^3 (OpenBLAS/oneDNN, all threads) and (3) the
+int8 dot-product peak (bench_dense.int8_dot_peak: vpmaddubsw + vpmaddwd, GOP/s), then
   decode: batch-1, top-8, K2.6 expert shape (7168 x 2048), consecutive tokens cycle over a working
           set of experts >= 8x the last-level cache so every weight comes from DRAM; GB/s of INT4
           weights+scales read and the ratio to the read bandwidth, for 1..N threads;
   prefill: 64/512/2048 tokens, top-8 over the experts (uniform and skewed routing); GFLOP/s
-          (6*D*I per token and expert) and the ratio to the measured fp32 peak;
-  kt:     the same decode and prefill (T=512) on kt-kernel's RAWINT4 kernels, where it is installed.
+          (6*D*I per token and expert) and the ratios to the fp32 peak and to the int8 dot peak;
+  kt:     the same decode and prefill (T=512) on kt-kernel's RAWINT4 kernels, where it is installed;
+  --llamacpp: llama.cpp's CPU MoE graph (tools/bench_llamacpp.py: ggml built from the llama-cpp-python
+          sdist; q4_0 / q4_K, plain or repacked) on the same shapes and routing, rounds of ours then
+          theirs back to back (best of the rounds each): decode GB/s, prefill T=512/2048 on
+          --llamacpp-experts experts (both sides; 128 by default so both fit in RAM), the ratios
+          decode_vs_llamacpp (tokens/s ours / theirs), prefill_{512,2048}_vs_llamacpp_best.
 The read bandwidth is measured again after each kernel run (other processes on a small machine
 change it): the decode ratio uses the best figure seen at that thread count, and the figures
 before and after each run are printed, so a disturbed run shows.
@@ -22,7 +29,8 @@ bf16, our Numba bf16 / int8 kernels) at 1, 4 and 16 rows, torch's matmul GFLOP/s
 dot-product peak (a vpmaddubsw + vpmaddwd loop) beside the fp32 peak; --dense-only runs just that
 (with the read bandwidth and the fp32 peak). hybrid/speed.py reads dense_gbs / matmul_gflops.
 --json prints one object with read_bandwidth_gbs, fma_peak_gflops, decode_gbs, decode_ratio,
-prefill_512_gflops, prefill_512_ratio, threads, read_bandwidth_after_gbs (+ kt_* where kt-kernel runs).
+prefill_512_gflops, prefill_512_ratio, prefill_512_int8_ratio, int8_dot_peak_gops, threads,
+read_bandwidth_after_gbs (+ kt_* where kt-kernel runs, llamacpp_* and *_vs_llamacpp* with --llamacpp).
 """
 import argparse
 import json
@@ -157,12 +165,13 @@ def routing(T, E, skew, rng):
     return np.argsort(-keys, axis=1)[:, :TOPK]
 
 
-def bench_prefill(ex, T, skew, reps):
+def bench_prefill(ex, T, skew, reps, warm=True):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((T, D)).astype(np.float32)
     ids = routing(T, ex.E, skew, rng)
     w = np.full((T, TOPK), 1.0 / TOPK, np.float32)
-    ex.forward(x, ids, w)
+    if warm:   # compilation, first touch of the buffers
+        ex.forward(x, ids, w)
     best = min(_timeit(lambda: ex.forward(x, ids, w)) for _ in range(reps))
     return 6.0 * D * I * T * TOPK / best / 1e9
 
@@ -198,6 +207,9 @@ def main(argv=None):
                     help="experts in the prefill runs (default 384, 64 with --quick)")
     ap.add_argument("--dense", action="store_true", help="also the dense Linear paths + int8 peak (bench_dense.py)")
     ap.add_argument("--dense-only", action="store_true", help="only those (no expert kernels)")
+    ap.add_argument("--llamacpp", action="store_true", help="also llama.cpp's CPU MoE kernels, back to back")
+    ap.add_argument("--llamacpp-rounds", type=int, default=None, help="rounds of ours/theirs (3, 1 with --quick)")
+    ap.add_argument("--llamacpp-experts", type=int, default=None, help="prefill experts there (128, 64 --quick)")
     args = ap.parse_args(argv)
     N = args.threads
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
@@ -215,10 +227,12 @@ def main(argv=None):
     res["read_bandwidth_gbs_by_threads"] = bw
     res["fma_peak_gflops"] = fma_peak(N, reps=3 if args.quick else 5)
     say("read bandwidth (GB/s, best of runs): " + ", ".join(f"{t} thr {v:.1f}" for t, v in bw.items()))
-    say(f"fp32 FMA peak (torch.matmul 2048^3, {N} thr): {res['fma_peak_gflops']:.0f} GFLOP/s")
+    from tools import bench_dense
+    res["int8_dot_peak_gops"] = bench_dense.int8_dot_peak(N)
+    say(f"fp32 FMA peak (torch.matmul 2048^3, {N} thr): {res['fma_peak_gflops']:.0f} GFLOP/s; int8 dot peak "
+        f"(vpmaddubsw+vpmaddwd): {res['int8_dot_peak_gops']:.0f} GOP/s")
     around = res["read_bandwidth_around_runs"] = {}   # run -> (GB/s before, GB/s after)
     if args.dense or args.dense_only:
-        from tools import bench_dense
         say("\ndense Linears on the CPU (tools/bench_dense.py), GB/s of weights (ratio to read bw):")
         res.update(bench_dense.run(N, [1, 4, 16], llc_bytes(), read_bandwidth, say))
         if args.dense_only:
@@ -234,6 +248,8 @@ def main(argv=None):
         after = read_bandwidth(t, reps=3)
         around[run] = (before, after)
         bw[t] = max(bw[t], before, after)
+        if "prefill" in run and t == N:   # the int8 ceiling again right after (a register-only loop, ~0.1 s)
+            res["int8_dot_peak_gops"] = max(res["int8_dot_peak_gops"], bench_dense.int8_dot_peak(t))
         return out, f"read bw before {before:.1f} / after {after:.1f} GB/s"
 
     llc = llc_bytes()
@@ -269,8 +285,10 @@ def main(argv=None):
             g, note = measured(name, N, lambda: bench_prefill(ex, T, skew, reps=1 if T >= 2048 or args.quick else 2))
             res[name + "_gflops"] = g
             res[name + "_ratio"] = g / res["fma_peak_gflops"]
+            res[name + "_int8_ratio"] = g / res["int8_dot_peak_gops"]
             say(f"  T={T:5d} {'skewed ' if skew else 'uniform'}: {g:7.1f} GFLOP/s  "
-                f"ratio to fp32 peak {g / res['fma_peak_gflops']:.2f}  ({note})")
+                f"ratio to fp32 peak {g / res['fma_peak_gflops']:.2f}, to int8 peak "
+                f"{g / res['int8_dot_peak_gops']:.2f}  ({note})")
     ex = None                  # free the decode experts before the prefill set is made
     res["prefill_experts"] = e_pre
 
@@ -282,6 +300,24 @@ def main(argv=None):
             res["prefill_512_vs_kt"] = res["prefill_512_gflops"] / res["kt_prefill_512_gflops"]
     else:
         say("\nkt-kernel not installed: no kt figures")
+    if args.llamacpp:
+        from tools import bench_llamacpp
+        e_cmp = min(fit // 2, args.llamacpp_experts or (64 if args.quick else 128))   # both sides in RAM
+        res.update(bench_llamacpp.compare(
+            sys.modules[__name__], N, e_dec, e_cmp, measured, say, sizes=(512,) if args.quick else (512, 2048),
+            rounds=args.llamacpp_rounds or (1 if args.quick else 3), decode_steps=10 if args.quick else 25,
+            decode_windows=2 if args.quick else 4))
+    for k in [k for k in res if k.endswith("_gflops") and "prefill" in k and "llamacpp_prefill" not in k]:
+        res[k.replace("_gflops", "_int8_ratio")] = res[k] / res["int8_dot_peak_gops"]   # the best peak seen
+    say(f"\nint8 dot peak, best seen ({N} thr): {res['int8_dot_peak_gops']:.0f} GOP/s; prefill / int8 peak: "
+        + ", ".join(f"{k[:-len('_int8_ratio')]} {v:.2f}" for k, v in res.items() if k.endswith("_int8_ratio")))
+    if args.llamacpp:
+        say("llama.cpp: decode_vs_llamacpp {:.2f} ({} best)".format(
+            res["decode_vs_llamacpp"], res["llamacpp_decode_best_variant"]) + "".join(
+            f"; prefill_{T}_vs_llamacpp_best {res[f'prefill_{T}_vs_llamacpp_best']:.2f} "
+            f"({res[f'llamacpp_prefill_{T}_best_variant']}), ours/int8 peak "
+            f"{res[f'llamacpp_cmp_ours_prefill_{T}_int8_ratio']:.2f}"
+            for T in (512, 2048) if f"prefill_{T}_vs_llamacpp_best" in res))
     res["read_bandwidth_after_gbs"] = read_bandwidth(N, reps=3)
     say(f"\nread bandwidth at the end ({N} thr): {res['read_bandwidth_after_gbs']:.1f} GB/s")
     if args.json:
