@@ -73,8 +73,8 @@ class Hardware:
     # for the paths of dense_path, and {dtype: GFLOP/s} of torch's matmul at prefill sizes
     dense_gbs: dict = field(default_factory=dict, compare=False, hash=False)
     matmul_gflops: dict = field(default_factory=dict, compare=False, hash=False)
-    # a decode step's time beyond reading weights (tools/bench_dense.py step_overhead, CPU-only):
-    # {"per_step_ms": {rows: ms}, "per_layer_ms": {rows: ms}}
+    # a decode step's time beyond reading weights (tools/bench_dense.py step_overhead, CPU-only), by model
+    # dtype: {"float32": {"per_step_ms": {rows: ms}, "per_layer_ms": {rows: ms}}, "bfloat16": {...}}
     step_overhead: dict = field(default_factory=dict, compare=False, hash=False)
 
     KEYS = ("ram_bandwidth_gbs", "pcie_gbs", "gpu_bandwidth_gbs", "cpu_kernel_efficiency", "cpu_gflops",
@@ -97,8 +97,11 @@ class Hardware:
         mm = {k: float(v) for k, v in (d.get("matmul_gflops") or {}).items()}
         if "float32" not in mm and d.get("fma_peak_gflops"):
             mm["float32"] = float(d["fma_peak_gflops"])
-        over = {k: {int(b): float(v) for b, v in r.items()} for k, r in (d.get("step_overhead") or {}).items()
-                if k in ("per_step_ms", "per_layer_ms")}
+        raw = d.get("step_overhead") or {}
+        if "per_layer_ms" in raw:                      # one dtype's figures: the float32 default
+            raw = {"float32": raw}
+        over = {dt: {k: {int(b): float(v) for b, v in r.items()} for k, r in o.items()
+                     if k in ("per_step_ms", "per_layer_ms")} for dt, o in raw.items()}
         hw = cls(**{k: float(d[k]) for k in cls.KEYS}, dense_gbs=dense, matmul_gflops=mm, step_overhead=over)
         if not 0 < hw.cpu_kernel_efficiency <= 1:
             raise ValueError(f"cpu_kernel_efficiency must be in (0, 1], got {hw.cpu_kernel_efficiency}")
@@ -165,7 +168,7 @@ def predict(config: ModelConfig, plan, hw: Hardware, prefill_tokens: int, *, exp
         other = dense - sum(v for p, v in plan.parts.items() if p in _LINEAR_PARTS or p == "kv_b_proj")  # router, norms
         t_gpu = linear_bytes / (interpolate_rate(hw.dense_gbs[path], B) * 1e9) + kvb_bytes / (kvb_rate * 1e9) \
             + (other + kv_read) / (hw.ram_bandwidth_gbs * 1e9)
-        over = hw.step_overhead
+        over = hw.step_overhead.get(mdtype.replace("torch_", ""), {})
         if over:
             t_over = (interpolate_ms(over.get("per_step_ms", {}), B)
                       + c.num_hidden_layers * interpolate_ms(over.get("per_layer_ms", {}), B)) / 1e3

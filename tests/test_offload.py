@@ -1,5 +1,5 @@
-"""The expert hand-off (hybrid/experts/offload.py): CPU experts and accelerator work really overlap, and the
-stats show it."""
+"""The expert hand-off (hybrid/experts/offload.py): CPU experts and accelerator work really overlap (the
+worker path), the stats show it, and a CPU-only run computes the experts inside submit."""
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,6 +20,7 @@ def test_submit_returns_at_once_and_work_overlaps():
     stats = OverlapStats()
     stats.enabled = True
     sched = ExpertOffload(SlowExperts(), 3, torch.device("cpu"), ThreadPoolExecutor(1), stats)
+    sched.inline = False                              # the worker path, as with an accelerator
     x = torch.ones(4, 8)
     t0 = time.perf_counter()
     sched.submit(x, torch.zeros(4, 2, dtype=torch.long), torch.ones(4, 2))
@@ -53,3 +54,22 @@ def test_a_step_that_failed_between_submit_and_wait_does_not_block_the_next():
     sched.submit(x, ids, w)          # ... and the shared expert raised: wait() never ran
     sched.submit(x + 1, ids, w)
     assert torch.equal(sched.wait(), (x + 1) * 2)
+
+
+def test_cpu_only_runs_the_experts_inside_submit():
+    """No accelerator to overlap with: submit computes (on the calling thread), wait returns at once."""
+    import threading
+    seen = []
+
+    class Where(SlowExperts):
+        def forward(self, x, ids, w):
+            seen.append(threading.current_thread())
+            return super().forward(x, ids, w)
+    sched = ExpertOffload(Where(), 2, torch.device("cpu"), ThreadPoolExecutor(1), OverlapStats())
+    assert sched.inline
+    x = torch.ones(3, 4)
+    t0 = time.perf_counter()
+    sched.submit(x, torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
+    assert time.perf_counter() - t0 >= 0.19 and seen == [threading.current_thread()]
+    t1 = time.perf_counter()
+    assert torch.equal(sched.wait(), x * 2) and time.perf_counter() - t1 < 0.15     # no 0.2 s sleep left

@@ -128,3 +128,15 @@ def test_step_overhead_is_added_per_layer_and_step(k26):
         ms = [sum(p.prediction["decode_step_ms"].values()) for p in plans]
         assert plans[1].prediction["decode_step_ms"]["overhead"] == pytest.approx(want)
         assert ms[1] - ms[0] == pytest.approx(want)
+
+
+def test_step_overhead_is_taken_for_the_model_dtype(k26):
+    over = {"float32": {"per_step_ms": {"1": 1.0}, "per_layer_ms": {"1": 1.0}},
+            "bfloat16": {"per_step_ms": {"1": 3.0}, "per_layer_ms": {"1": 2.0}}}
+    for dtype, want in (("float32", 1.0 + 61 * 1.0), ("bfloat16", 3.0 + 61 * 2.0)):
+        p, _ = _cpu_plan(k26, 1, dtype=dtype, cpu_weights="bf16")
+        hw = Hardware.from_dict({**BENCH, "step_overhead": over})
+        params = sum(n * k for shapes in linear_shapes(k26).values() for n, k in shapes)
+        predict(k26, p, hw, 512, expert_bytes=expert_bytes(k26), params=params, kv_bytes=4, dtype=dtype,
+                cpu_weights="bf16")
+        assert p.prediction["decode_step_ms"]["overhead"] == pytest.approx(want)

@@ -4,7 +4,8 @@
     (also run by tools/bench_experts.py --dense, which adds the figures to its --json output)
 
 Also the decode step's overhead beyond reading weights (step_overhead: per step and per layer, at
-batch 1/4/16, on the tiny synthetic preset), which hybrid/speed.py adds on a CPU-only machine.
+batch 1/4/16, on the tiny synthetic preset, in float32 and bfloat16), which hybrid/speed.py adds on a
+CPU-only machine.
 Paths (hybrid/speed.py dense_path names), each on a working set of K2.6-shaped matrices >= 8x the
 last-level cache so every weight comes from DRAM:
   torch_float32   x @ W.T with W float32 (the model in float32, LLM's CPU default);
@@ -168,10 +169,11 @@ def bench_path(path: str, threads: int, rows: list[int], llc: int, rounds: int =
     return res
 
 
-def step_overhead(threads: int, batches=(1, 4, 16), layers=(2, 6), steps: int = 12, rounds: int = 3) -> dict:
+def step_overhead(threads: int, batches=(1, 4, 16), layers=(2, 6), steps: int = 12, rounds: int = 3,
+                  dtype: str = "float32") -> dict:
     """Time of a decode step that is not weight reading: torch/numba call overheads, attention on a short
     cache, sampling, engine bookkeeping. Measured on the `tiny` synthetic preset (the same calls per layer
-    as K2.6, negligible bytes) with the LLM's defaults on the CPU, at two layer counts:
+    as K2.6, negligible bytes) with the LLM's defaults on the CPU in `dtype`, at two layer counts:
         step_ms(B, L) = per_step_ms[B] + L * per_layer_ms[B]   (a fit through the two points).
     Decode time = generate(1 + steps tokens) - generate(1 token) (prefill and the first token cancel)."""
     import tempfile
@@ -185,7 +187,8 @@ def step_overhead(threads: int, batches=(1, 4, 16), layers=(2, 6), steps: int = 
         d = os.path.join(tempfile.gettempdir(), f"hybrid-overhead-tiny-{L}")
         if not os.path.exists(os.path.join(d, "config.json")):
             write_checkpoint(d, "tiny", num_hidden_layers=L, tokenizer=False)
-        llm = LLM(d, device="cpu", max_batch=max(batches), max_context=128, progress=False, check_memory=False)
+        llm = LLM(d, device="cpu", max_batch=max(batches), max_context=128, progress=False, check_memory=False,
+                  dtype=dtype)
         for B in batches:
             prompts = [[5 + b, 9, 2, 7, 11, 3] for b in range(B)]
 
@@ -218,10 +221,10 @@ def run(threads: int, rows: list[int], llc: int, read_bandwidth, say=print) -> d
     out["matmul_gflops"] = {"float32": matmul_gflops(threads, torch.float32),
                             "bfloat16": matmul_gflops(threads, torch.bfloat16)}
     out["int8_dot_peak_gops"] = int8_dot_peak(threads)
-    out["step_overhead"] = step_overhead(threads)
-    o = out["step_overhead"]
-    say("  decode step overhead (tiny preset, no weight bytes): " + ", ".join(
-        f"batch {B}: {o['per_step_ms'][B]:.2f} ms + {o['per_layer_ms'][B]:.2f} ms/layer" for B in o["per_layer_ms"]))
+    out["step_overhead"] = {dt: step_overhead(threads, dtype=dt) for dt in ("float32", "bfloat16")}
+    for dt, o in out["step_overhead"].items():
+        say(f"  decode step overhead, {dt} (tiny preset, no weight bytes): " + ", ".join(
+            f"batch {B}: {o['per_step_ms'][B]:.2f} ms + {o['per_layer_ms'][B]:.2f} ms/layer" for B in o["per_layer_ms"]))
     say(f"  torch matmul 2048^3: float32 {out['matmul_gflops']['float32']:.0f}, bfloat16 "
         f"{out['matmul_gflops']['bfloat16']:.0f} GFLOP/s; int8 dot peak (vpmaddubsw+vpmaddwd, 256-bit): "
         f"{out['int8_dot_peak_gops']:.0f} GOP/s")
