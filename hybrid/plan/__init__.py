@@ -305,7 +305,7 @@ def format_plan(plan: Plan) -> str:
     blank = " " * 10
     fmt = plan.gpu_weights if plan.on_gpu or plan.gpu_weights != "bf16" else "fp32 on the CPU"
     if not plan.on_gpu and plan.cpu_weights != "off":
-        fmt = f"Linears {plan.cpu_weights} through our kernels, the rest fp32"
+        fmt = f"{plan.cpu_weights} Linears+fp32"          # --cpu-weights: the Linears through our kernels
     kv = plan.kv_cache_dtype if plan.kv_cache_dtype != "auto" else ("bf16" if plan.on_gpu else "fp32")
     rows = [(f"accelerator-side weights ({fmt})",
              plan.gpu_weights_bytes - plan.gpu_expert_bytes, plan.on_gpu)]
@@ -345,7 +345,8 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"predicted: prefill {plan.predicted_prefill_tok_s:.1f} tok/s ({p['prefill_tokens']}-token "
                      f"prompt, {how}" + (f"; streaming pays from {thr} tokens a layer" if thr else "") + "), "
                      f"decode {plan.predicted_decode_tok_s:.2f} tok/s (step: CPU experts {ms['cpu_experts']:.1f} ms, "
-                     f"accelerator {ms['accelerator']:.1f} ms, transfers {ms['transfers']:.1f} ms)")
+                     f"accelerator {ms['accelerator']:.1f} ms, transfers {ms['transfers']:.1f} ms"
+                     + (f", overhead {ms['overhead']:.1f} ms" if ms.get("overhead") else "") + ")")
         if plan.hw_source == "default rates":
             h = DEFAULT_HW
             lines.append(f"  (an estimate from default rates, not this machine's: RAM {h.ram_bandwidth_gbs:g} GB/s x "
