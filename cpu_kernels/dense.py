@@ -21,7 +21,7 @@ tools/bench_experts.py --dense.
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 ROWS_PER_ITEM = 64
 # Software prefetch distance in the weight stream, in bytes ahead of the block being read. The dot
@@ -73,24 +73,35 @@ def _bf16(u):
     return _f32_from_bits(np.int32(u) << 16)
 
 
-# The inner loops run from 0 over a slice (a loop with another start was not vectorized: numba's
-# negative-index wraparound check stays in); they are inlined into the blocked loops below.
+def _widen(v):
+    """A weight element as fp32 (the typed versions below: uint16 bf16 bits, or int8)."""
+
+
+@overload(_widen, inline="always", fastmath=True)
+def _widen_typed(v):
+    if v == types.uint16:
+        return lambda v: _bf16(v)
+    if v == types.int8:
+        return lambda v: np.float32(v)
+
+
+# One generic code path: numba compiles it once per weight dtype (uint16 bf16 bits, int8); a block is
+# BLOCK_BYTES of weights whatever their size. The inner loops run from 0 over a slice (a loop with another
+# start was not vectorized: numba's negative-index wraparound check stays in); they are inlined into the
+# blocked loops below.
 @njit(inline="always", fastmath=True, nogil=True)
-def _part1_bf16(w, x0):
+def _part1(w, x0):
     a0 = np.float32(0.0)
     for k in range(w.shape[0]):
-        a0 += _bf16(w[k]) * x0[k]
+        a0 += _widen(w[k]) * x0[k]
     return a0
 
 
 @njit(inline="always", fastmath=True, nogil=True)
-def _part4_bf16(w, x0, x1, x2, x3):
-    a0 = np.float32(0.0)
-    a1 = np.float32(0.0)
-    a2 = np.float32(0.0)
-    a3 = np.float32(0.0)
+def _part4(w, x0, x1, x2, x3):
+    a0 = a1 = a2 = a3 = np.float32(0.0)
     for k in range(w.shape[0]):
-        v = _bf16(w[k])
+        v = _widen(w[k])
         a0 += v * x0[k]
         a1 += v * x1[k]
         a2 += v * x2[k]
@@ -99,101 +110,12 @@ def _part4_bf16(w, x0, x1, x2, x3):
 
 
 @njit(inline="always", fastmath=True, nogil=True)
-def _part1_int8(w, x0):
-    a0 = np.float32(0.0)
-    for k in range(w.shape[0]):
-        a0 += np.float32(w[k]) * x0[k]
-    return a0
-
-
-@njit(inline="always", fastmath=True, nogil=True)
-def _part4_int8(w, x0, x1, x2, x3):
-    a0 = np.float32(0.0)
-    a1 = np.float32(0.0)
-    a2 = np.float32(0.0)
-    a3 = np.float32(0.0)
-    for k in range(w.shape[0]):
-        v = np.float32(w[k])
-        a0 += v * x0[k]
-        a1 += v * x1[k]
-        a2 += v * x2[k]
-        a3 += v * x3[k]
-    return a0, a1, a2, a3
-
-
-@njit(fastmath=True, nogil=True, cache=True)
-def _dot1_bf16(w, x0):
-    B = BLOCK_BYTES // 2
-    K = w.shape[0]
-    base = w.ctypes.data + PREFETCH
-    a0 = np.float32(0.0)
-    kb = 0
-    while kb + B <= K:
-        _prefetch_block(base + 2 * kb)
-        a0 += _part1_bf16(w[kb:kb + B], x0[kb:kb + B])
-        kb += B
-    return a0 + _part1_bf16(w[kb:], x0[kb:])
-
-
-@njit(fastmath=True, nogil=True, cache=True)
-def _dot4_bf16(w, x0, x1, x2, x3):
-    B = BLOCK_BYTES // 2
-    K = w.shape[0]
-    base = w.ctypes.data + PREFETCH
-    a0 = a1 = a2 = a3 = np.float32(0.0)
-    kb = 0
-    while kb + B <= K:
-        _prefetch_block(base + 2 * kb)
-        b0, b1, b2, b3 = _part4_bf16(w[kb:kb + B], x0[kb:kb + B], x1[kb:kb + B], x2[kb:kb + B], x3[kb:kb + B])
-        a0 += b0
-        a1 += b1
-        a2 += b2
-        a3 += b3
-        kb += B
-    b0, b1, b2, b3 = _part4_bf16(w[kb:], x0[kb:], x1[kb:], x2[kb:], x3[kb:])
-    return a0 + b0, a1 + b1, a2 + b2, a3 + b3
-
-
-@njit(fastmath=True, nogil=True, cache=True)
-def _dot1_int8(w, x0):
-    B = BLOCK_BYTES
-    K = w.shape[0]
-    base = w.ctypes.data + PREFETCH
-    a0 = np.float32(0.0)
-    kb = 0
-    while kb + B <= K:
-        _prefetch_block(base + kb)
-        a0 += _part1_int8(w[kb:kb + B], x0[kb:kb + B])
-        kb += B
-    return a0 + _part1_int8(w[kb:], x0[kb:])
-
-
-@njit(fastmath=True, nogil=True, cache=True)
-def _dot4_int8(w, x0, x1, x2, x3):
-    B = BLOCK_BYTES
-    K = w.shape[0]
-    base = w.ctypes.data + PREFETCH
-    a0 = a1 = a2 = a3 = np.float32(0.0)
-    kb = 0
-    while kb + B <= K:
-        _prefetch_block(base + kb)
-        b0, b1, b2, b3 = _part4_int8(w[kb:kb + B], x0[kb:kb + B], x1[kb:kb + B], x2[kb:kb + B], x3[kb:kb + B])
-        a0 += b0
-        a1 += b1
-        a2 += b2
-        a3 += b3
-        kb += B
-    b0, b1, b2, b3 = _part4_int8(w[kb:], x0[kb:], x1[kb:], x2[kb:], x3[kb:])
-    return a0 + b0, a1 + b1, a2 + b2, a3 + b3
-
-
-@njit(inline="always", fastmath=True, nogil=True)
-def _part2x4_bf16(w0, w1, x0, x1, x2, x3):
+def _part2x4(w0, w1, x0, x1, x2, x3):
     a00 = a01 = a02 = a03 = np.float32(0.0)
     a10 = a11 = a12 = a13 = np.float32(0.0)
     for k in range(w0.shape[0]):
-        v0 = _bf16(w0[k])
-        v1 = _bf16(w1[k])
+        v0 = _widen(w0[k])
+        v1 = _widen(w1[k])
         u = x0[k]
         a00 += v0 * u
         a10 += v1 * u
@@ -210,71 +132,67 @@ def _part2x4_bf16(w0, w1, x0, x1, x2, x3):
 
 
 @njit(fastmath=True, nogil=True, cache=True)
-def _dot2x4_bf16(w0, w1, x0, x1, x2, x3):
-    """Two weight rows x four token rows: each weight and each x element loaded once for 2-4 products."""
-    B = BLOCK_BYTES // 2
-    K = w0.shape[0]
-    p0, p1 = w0.ctypes.data + PREFETCH, w1.ctypes.data + PREFETCH
-    acc = np.zeros(8, np.float32)
+def _dot1(w, x0):
+    B = BLOCK_BYTES // w.itemsize
+    K = w.shape[0]
+    base = w.ctypes.data + PREFETCH
+    a0 = np.float32(0.0)
     kb = 0
     while kb + B <= K:
-        _prefetch_block(p0 + 2 * kb)
-        _prefetch_block(p1 + 2 * kb)
-        r = _part2x4_bf16(w0[kb:kb + B], w1[kb:kb + B], x0[kb:kb + B], x1[kb:kb + B], x2[kb:kb + B], x3[kb:kb + B])
-        for i in range(8):
-            acc[i] += r[i]
+        _prefetch_block(base + kb * w.itemsize)
+        a0 += _part1(w[kb:kb + B], x0[kb:kb + B])
         kb += B
-    r = _part2x4_bf16(w0[kb:], w1[kb:], x0[kb:], x1[kb:], x2[kb:], x3[kb:])
-    for i in range(8):
-        acc[i] += r[i]
-    return acc
-
-
-@njit(inline="always", fastmath=True, nogil=True)
-def _part2x4_int8(w0, w1, x0, x1, x2, x3):
-    a00 = a01 = a02 = a03 = np.float32(0.0)
-    a10 = a11 = a12 = a13 = np.float32(0.0)
-    for k in range(w0.shape[0]):
-        v0 = np.float32(w0[k])
-        v1 = np.float32(w1[k])
-        u = x0[k]
-        a00 += v0 * u
-        a10 += v1 * u
-        u = x1[k]
-        a01 += v0 * u
-        a11 += v1 * u
-        u = x2[k]
-        a02 += v0 * u
-        a12 += v1 * u
-        u = x3[k]
-        a03 += v0 * u
-        a13 += v1 * u
-    return a00, a01, a02, a03, a10, a11, a12, a13
+    return a0 + _part1(w[kb:], x0[kb:])
 
 
 @njit(fastmath=True, nogil=True, cache=True)
-def _dot2x4_int8(w0, w1, x0, x1, x2, x3):
+def _dot4(w, x0, x1, x2, x3):
+    B = BLOCK_BYTES // w.itemsize
+    K = w.shape[0]
+    base = w.ctypes.data + PREFETCH
+    a0 = a1 = a2 = a3 = np.float32(0.0)
+    kb = 0
+    while kb + B <= K:
+        _prefetch_block(base + kb * w.itemsize)
+        b0, b1, b2, b3 = _part4(w[kb:kb + B], x0[kb:kb + B], x1[kb:kb + B], x2[kb:kb + B], x3[kb:kb + B])
+        a0 += b0
+        a1 += b1
+        a2 += b2
+        a3 += b3
+        kb += B
+    b0, b1, b2, b3 = _part4(w[kb:], x0[kb:], x1[kb:], x2[kb:], x3[kb:])
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3
+
+
+@njit(fastmath=True, nogil=True, cache=True)
+def _dot2x4(w0, w1, x0, x1, x2, x3):
     """Two weight rows x four token rows: each weight and each x element loaded once for 2-4 products."""
-    B = BLOCK_BYTES
+    B = BLOCK_BYTES // w0.itemsize
     K = w0.shape[0]
     p0, p1 = w0.ctypes.data + PREFETCH, w1.ctypes.data + PREFETCH
     acc = np.zeros(8, np.float32)
     kb = 0
     while kb + B <= K:
-        _prefetch_block(p0 + kb)
-        _prefetch_block(p1 + kb)
-        r = _part2x4_int8(w0[kb:kb + B], w1[kb:kb + B], x0[kb:kb + B], x1[kb:kb + B], x2[kb:kb + B], x3[kb:kb + B])
+        _prefetch_block(p0 + kb * w0.itemsize)
+        _prefetch_block(p1 + kb * w0.itemsize)
+        r = _part2x4(w0[kb:kb + B], w1[kb:kb + B], x0[kb:kb + B], x1[kb:kb + B], x2[kb:kb + B], x3[kb:kb + B])
         for i in range(8):
             acc[i] += r[i]
         kb += B
-    r = _part2x4_int8(w0[kb:], w1[kb:], x0[kb:], x1[kb:], x2[kb:], x3[kb:])
+    r = _part2x4(w0[kb:], w1[kb:], x0[kb:], x1[kb:], x2[kb:], x3[kb:])
     for i in range(8):
         acc[i] += r[i]
     return acc
 
 
+@njit(inline="always", nogil=True)
+def _out(a, scale, n):
+    """A row's sum as stored: times scale[n] where there is a scale (int8), as it is (bf16: scale empty)."""
+    return a * scale[n] if scale.shape[0] else a
+
+
 @njit(nogil=True, cache=True)
-def _rows_bf16(w, x, y, n0, n1):
+def _rows(w, scale, x, y, n0, n1):
     """Output rows n0..n1: pairs of weight rows x groups of four tokens through _dot2x4 (T >= 4), the
     rest row by row (_dot4 / _dot1: one token, as in batch-1 decode, reads each row once)."""
     T = x.shape[0]
@@ -283,80 +201,47 @@ def _rows_bf16(w, x, y, n0, n1):
         while n + 2 <= n1:
             t = 0
             while t + 4 <= T:
-                a = _dot2x4_bf16(w[n], w[n + 1], x[t], x[t + 1], x[t + 2], x[t + 3])
+                a = _dot2x4(w[n], w[n + 1], x[t], x[t + 1], x[t + 2], x[t + 3])
                 for i in range(4):
-                    y[t + i, n] = a[i]
-                    y[t + i, n + 1] = a[4 + i]
+                    y[t + i, n] = _out(a[i], scale, n)
+                    y[t + i, n + 1] = _out(a[4 + i], scale, n + 1)
                 t += 4
             while t < T:
-                y[t, n] = _dot1_bf16(w[n], x[t])
-                y[t, n + 1] = _dot1_bf16(w[n + 1], x[t])
+                y[t, n] = _out(_dot1(w[n], x[t]), scale, n)
+                y[t, n + 1] = _out(_dot1(w[n + 1], x[t]), scale, n + 1)
                 t += 1
             n += 2
     for n in range(n, n1):
         wr = w[n]
         t = 0
         while t + 4 <= T:
-            a0, a1, a2, a3 = _dot4_bf16(wr, x[t], x[t + 1], x[t + 2], x[t + 3])
-            y[t, n] = a0
-            y[t + 1, n] = a1
-            y[t + 2, n] = a2
-            y[t + 3, n] = a3
+            a = _dot4(wr, x[t], x[t + 1], x[t + 2], x[t + 3])
+            for i in range(4):
+                y[t + i, n] = _out(a[i], scale, n)
             t += 4
         while t < T:
-            y[t, n] = _dot1_bf16(wr, x[t])
-            t += 1
-
-
-@njit(nogil=True, cache=True)
-def _rows_int8(w, scale, x, y, n0, n1):
-    """Output rows n0..n1: pairs of weight rows x groups of four tokens through _dot2x4 (T >= 4), the
-    rest row by row (_dot4 / _dot1: one token, as in batch-1 decode, reads each row once)."""
-    T = x.shape[0]
-    n = n0
-    if T >= 4:
-        while n + 2 <= n1:
-            t = 0
-            while t + 4 <= T:
-                a = _dot2x4_int8(w[n], w[n + 1], x[t], x[t + 1], x[t + 2], x[t + 3])
-                for i in range(4):
-                    y[t + i, n] = a[i] * scale[n]
-                    y[t + i, n + 1] = a[4 + i] * scale[n + 1]
-                t += 4
-            while t < T:
-                y[t, n] = _dot1_int8(w[n], x[t]) * scale[n]
-                y[t, n + 1] = _dot1_int8(w[n + 1], x[t]) * scale[n + 1]
-                t += 1
-            n += 2
-    for n in range(n, n1):
-        wr = w[n]
-        t = 0
-        while t + 4 <= T:
-            a0, a1, a2, a3 = _dot4_int8(wr, x[t], x[t + 1], x[t + 2], x[t + 3])
-            y[t, n] = a0 * scale[n]
-            y[t + 1, n] = a1 * scale[n]
-            y[t + 2, n] = a2 * scale[n]
-            y[t + 3, n] = a3 * scale[n]
-            t += 4
-        while t < T:
-            y[t, n] = _dot1_int8(wr, x[t]) * scale[n]
+            y[t, n] = _out(_dot1(wr, x[t]), scale, n)
             t += 1
 
 
 @njit(parallel=True, nogil=True, cache=True)
+def _linear(w, scale, x, y):
+    N = w.shape[0]
+    for it in prange((N + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM):
+        _rows(w, scale, x, y, it * ROWS_PER_ITEM, min(N, (it + 1) * ROWS_PER_ITEM))
+
+
+_NO_SCALE = np.zeros(0, np.float32)
+
+
 def linear_bf16(w, x, y):
     """y [T, N] = x [T, K] . bf16(w [N, K])^T (w: uint16 bit patterns, C-contiguous)."""
-    N = w.shape[0]
-    for it in prange((N + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM):
-        _rows_bf16(w, x, y, it * ROWS_PER_ITEM, min(N, (it + 1) * ROWS_PER_ITEM))
+    _linear(w, _NO_SCALE, x, y)
 
 
-@njit(parallel=True, nogil=True, cache=True)
 def linear_int8(w, scale, x, y):
     """y [T, N] = (x [T, K] . w [N, K]^T) * scale [N] (w int8, C-contiguous)."""
-    N = w.shape[0]
-    for it in prange((N + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM):
-        _rows_int8(w, scale, x, y, it * ROWS_PER_ITEM, min(N, (it + 1) * ROWS_PER_ITEM))
+    _linear(w, scale, x, y)
 
 
 @njit(parallel=True, cache=True)
