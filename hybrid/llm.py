@@ -98,7 +98,7 @@ class LLM:
         if expert_cache and self.expert_backend != "numba":
             raise ValueError(f"expert_cache keeps the numba kernels' repacked layout; the expert backend is "
                              f"{self.expert_backend!r} (use expert_backend='numba', or no cache)")
-        from hybrid.model.cpu_linear import resolve_cpu_weights
+        from hybrid.model.cpu_linear import resolve_cpu_weights, swap_cpu_linears
         self.cpu_weights, self.cpu_weights_why = resolve_cpu_weights(cpu_weights, self.device.type, gpu_weights)
         max_context, cache_tokens = self._cache_size(max_batch, max_context, cache_tokens, kv_cache_dtype,
                                                      gpu_weights, gpu_experts, check_memory)
@@ -116,7 +116,6 @@ class LLM:
         self.expert_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybrid-experts")
         self.model = load_model(self.checkpoint, self.device, self.dtype, self.expert_backend, self.expert_worker,
                                 num_threads, progress, cache_dir, expert_act_format)
-        from hybrid.model.cpu_linear import swap_cpu_linears
         why = self.cpu_weights_why
         swapped = swap_cpu_linears(self.model, self.cpu_weights, exact_only=cpu_weights == "auto")
         if self.cpu_weights != "off" and swapped["kept"]:
