@@ -8,6 +8,9 @@ own dequantization does.
 FP8 is DeepSeek-V3's block format: float8_e4m3fn weights, one fp32 `weight_scale_inv` per 128x128
 block; W = bf16(w * scale_inv[block]).
 
+The CPU-only format of the accelerator-side Linears (LLM(cpu_weights=), `hybrid plan --cpu-weights`)
+is chosen once, here: `choose_cpu_weights`.
+
 Every runtime path uses these: the checkpoint reader, every routed-expert backend (bf16/FP8 experts
 are quantized with `quantize_int4` at load, whatever the backend), the memory plan, streaming and the
 tools (`int4_expert_nbytes`). The kernel packages (cpu_kernels/, gpu_kernels/) import nothing from
@@ -120,3 +123,26 @@ def quantize_fp8_block(w: torch.Tensor, block: tuple = FP8_BLOCK) -> tuple[torch
     scale_inv = amax / 448.0
     q = (blocks / scale_inv[:, None, :, None]).view(nb * bn, kb * bk)[:n, :k]
     return q.to(torch.float8_e4m3fn), scale_inv.float()
+
+
+# ---- the accelerator side's Linears on a CPU-only machine (hybrid/model/cpu_linear.py) ---------------
+CPU_WEIGHTS = ("auto", "off", "bf16", "int8")
+
+
+def choose_cpu_weights(requested: str, on_cpu: bool, gpu_weights: str = "bf16") -> tuple[str, str]:
+    """(format, why) for LLM(cpu_weights=requested) and the plan: "auto" is "bf16" (the checkpoint's bf16
+    values through our kernels) when the accelerator side runs on the CPU without gpu_weights quantization,
+    else "off" (torch's Linears); an explicit "bf16" / "int8" where it cannot apply, or an unknown value,
+    is an error. hybrid/model/cpu_linear.resolve_cpu_weights adds the runtime's one fallback."""
+    if requested not in CPU_WEIGHTS:
+        raise ValueError(f"cpu_weights {requested!r}: choose one of {', '.join(CPU_WEIGHTS)}")
+    if requested == "auto":
+        if not on_cpu:
+            return "off", "the accelerator side runs on the GPU"
+        if gpu_weights != "bf16":
+            return "off", f"gpu_weights={gpu_weights} quantizes those Linears already"
+        return "bf16", "auto: CPU-only, the checkpoint's bf16 values through our kernels, half the bytes of float32"
+    if requested != "off" and (not on_cpu or gpu_weights != "bf16"):
+        raise ValueError("cpu_weights applies when the accelerator side runs on the CPU (device='cpu'), "
+                         "without gpu_weights")
+    return requested, "requested" if requested != "off" else "off: torch's Linears"

@@ -119,7 +119,7 @@ class Hardware:
 
 
 
-_LINEAR_PARTS = ("attention", "dense_mlp", "shared_experts", "lm_head")     # kv_b_proj: read in place (torch)
+_LINEAR_PARTS = ("attention", "dense_mlp", "shared_experts", "lm_head")     # kv_b_proj: its own rate, below
 
 
 def predict(config: ModelConfig, plan, hw: Hardware, prefill_tokens: int, *, expert_bytes: int, params: int,
@@ -136,8 +136,9 @@ def predict(config: ModelConfig, plan, hw: Hardware, prefill_tokens: int, *, exp
     On a CPU-only machine with `dtype` ("float32" | "bfloat16") or `cpu_weights` ("bf16" | "int8":
     CPULinear) given and hw.dense_gbs measured for that path, the Linears take
         params * bytes per weight of the path / dense_gbs[path] at B rows (interpolate_rate)
-    instead of the plan's bytes / ram_bw (the old model, kept when neither is given); kv_b_proj (torch's
-    Linear in the model dtype) at the torch path's rate; and with hw.step_overhead measured, the step's
+    instead of the plan's bytes / ram_bw (the old model, kept when neither is given); kv_b_proj (read in
+    place by the absorbed decode: our mla kernels with cpu_weights, torch's bmm in the model dtype without)
+    at dense_gbs["mla_" + that path] where measured; and with hw.step_overhead measured, the step's
     time beyond reading weights: per_step_ms(B) + layers * per_layer_ms(B).
     Prefill of one prompt of T tokens: per MoE layer min(cpu(T), stream(T)) from
     hybrid/experts/streaming.py, plus the accelerator side at 2 flop per weight per token and
@@ -159,11 +160,15 @@ def predict(config: ModelConfig, plan, hw: Hardware, prefill_tokens: int, *, exp
     path = None if gpu else dense_path(dtype, cpu_weights)
     t_over = 0.0
     if path in hw.dense_gbs and path in PATH_BYTES:
-        # kv_b_proj stays torch's Linear in the model dtype (the absorbed decode reads it in place)
+        # kv_b_proj: the absorbed decode reads its two halves in place, through our kernels where the CPU
+        # Linears are ours (CPULinear.mla_query / mla_output), else torch's bmm in the model dtype; at the
+        # rate bench_dense measured for that ("mla_" + path), else at the path's Linear rate
         mdtype = "torch_" + (str(dtype).replace("torch.", "") if dtype else "float32")
-        kvb_params = plan.parts.get("kv_b_proj", 0) / 4      # a CPU-only plan holds it in fp32
-        kvb_bytes = kvb_params * PATH_BYTES.get(mdtype, 4)
-        kvb_rate = interpolate_rate(hw.dense_gbs[mdtype], B) if mdtype in hw.dense_gbs else hw.ram_bandwidth_gbs
+        kvb_params = c.num_hidden_layers * c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank
+        base = path if path.startswith("numba_") else mdtype
+        kvb_bytes = kvb_params * PATH_BYTES.get(base, 4)
+        kvb_gbs = hw.dense_gbs.get("mla_" + base) or hw.dense_gbs.get(base)
+        kvb_rate = interpolate_rate(kvb_gbs, B) if kvb_gbs else hw.ram_bandwidth_gbs
         linear_bytes = (params - kvb_params) * PATH_BYTES[path]
         other = dense - sum(v for p, v in plan.parts.items() if p in _LINEAR_PARTS or p == "kv_b_proj")  # router, norms
         t_gpu = linear_bytes / (interpolate_rate(hw.dense_gbs[path], B) * 1e9) + kvb_bytes / (kvb_rate * 1e9) \

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cpu_kernels.dense import linear, linear_bf16, linear_int8
+from cpu_kernels.mla_absorb import absorb_output, absorb_query
+from cpu_kernels.mla_absorb import reference as mla_reference
 from cpu_kernels.reference import linear_ref
 from hybrid import LLM
 from hybrid.model import cpu_linear
@@ -142,7 +144,7 @@ def test_swapped_model_logits(tiny_dir, tiny_logits, fmt, monkeypatch):
     info = swap_cpu_linears(llm.model, fmt)
     swapped = [n for n, m in llm.model.named_modules() if isinstance(m, CPULinear)]
     assert info["swapped"] == len(swapped) > 0 and "lm_head" in swapped
-    assert not any("kv_b_proj" in n or n.endswith("mlp.gate") for n in swapped)
+    assert any("kv_b_proj" in n for n in swapped) and not any(n.endswith("mlp.gate") for n in swapped)
     assert info["bytes_after"] < info["bytes_before"] / (1.9 if fmt == "bf16" else 3.5)
     monkeypatch.setattr(cpu_linear, "DECODE_ROWS", 10 ** 9)                     # every row through Numba
     got = _score(llm, ids)
@@ -218,3 +220,59 @@ def test_auto_keeps_linears_that_are_not_bf16_values():
         model.lm_head.weight.copy_(torch.randn(8, 64) * (1 + 2 ** -12))              # not bf16 values
     info = swap_cpu_linears(model, "bf16", exact_only=True)
     assert info["swapped"] == 0 and info["kept"] == 1 and isinstance(model.lm_head, nn.Linear)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+@pytest.mark.parametrize("H,D,R,V,B", [(1, 1, 1, 1, 1), (3, 5, 37, 7, 1), (2, 128, 512, 128, 3), (5, 9, 100, 11, 6),
+                                       (4, 16, 70, 24, 16)])
+def test_mla_absorb_kernels(fmt, H, D, R, V, B):
+    """MLA's absorbed query / output (cpu_kernels/mla_absorb.py) against float64 numpy einsums on the same
+    widened weights, odd sizes and 1-16 tokens; bound relative to sum |q| |w| per output as above."""
+    rng = np.random.default_rng(H * 1000 + R + B)
+    if fmt == "bf16":
+        w = (rng.standard_normal((H, D + V, R)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        s_uk, s_uv, scales = np.zeros((H, 0), np.float32), np.zeros((H, 0), np.float32), None
+        wf = (w.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    else:
+        w = rng.integers(-127, 128, (H, D + V, R)).astype(np.int8)
+        s_uk, s_uv = rng.random((H, D)).astype(np.float32), rng.random((H, V)).astype(np.float32)
+        scales = (s_uk, s_uv)
+        wf = w.astype(np.float64) * np.concatenate([s_uk, s_uv], 1)[:, :, None]
+    w_uk, w_uv = np.ascontiguousarray(w[:, :D]), np.ascontiguousarray(w[:, D:])
+    q = rng.standard_normal((B, H, D)).astype(np.float32)
+    o = rng.standard_normal((H, B, R)).astype(np.float32)
+    q_lat, y = np.empty((B, H, R), np.float32), np.empty((H, B, V), np.float32)
+    absorb_query(w_uk, s_uk, q, q_lat)
+    absorb_output(w_uv, s_uv, o, y)
+    ref_q, ref_y = mla_reference((w_uk, w_uv), scales, q, o)
+    abs_q = np.einsum("bhd,hdr->bhr", np.abs(q), np.abs(wf[:, :D]))
+    abs_y = np.einsum("hbr,hvr->hbv", np.abs(o), np.abs(wf[:, D:]))
+    assert np.all(np.abs(q_lat - ref_q) <= KERNEL_REL_TO_ABS_SUM * abs_q + 1e-30)
+    assert np.all(np.abs(y - ref_y) <= KERNEL_REL_TO_ABS_SUM * abs_y + 1e-30)
+
+
+# a bfloat16 model's decode, our kernels against torch's bf16 bmm / Linears on the same weights: both round
+# activations to bf16 between ops (2^-8 relative each) and sum in another order; 40 teacher-forced steps
+BF16_DECODE_REL_MAX = 0.03
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_absorbed_decode_through_our_kernels(tiny_dir, dtype):
+    """Cached one-token decode steps (the absorbed form: kv_b_proj through mla_query / mla_output) of the
+    default CPU setting against torch's Linears and bmm (cpu_weights off), same tokens, both dtypes."""
+    from hybrid.model.attention import Step
+    from hybrid.model.kv_cache import LatentCache
+    models = [LLM(tiny_dir, device="cpu", dtype=dtype, progress=False, max_context=128, cpu_weights=cw)
+              for cw in ("off", "auto")]
+    assert isinstance(models[1].model.model.layers[0].self_attn.kv_b_proj, CPULinear)
+    tokens = torch.randint(0, 2048, (9,), generator=torch.Generator().manual_seed(3)).tolist()
+    caches = [LatentCache(m.config, 1, 128, dtype, m.device) for m in models]
+    outs = [m.model(torch.tensor(tokens), Step.single(len(tokens)), c)[-1] for m, c in zip(models, caches)]
+    worst = 0.0
+    for i in range(40):
+        tokens.append(int(outs[0].argmax()))
+        outs = [m.model(torch.tensor(tokens[-1:]), Step.single(1, start=len(tokens) - 1), c)[-1].float()
+                for m, c in zip(models, caches)]
+        worst = max(worst, ((outs[1] - outs[0]).abs().max() / outs[0].abs().max()).item())
+    bound = BF16_DECODE_REL_MAX if dtype == torch.bfloat16 else TOL_LLM_BF16
+    assert worst <= bound, worst

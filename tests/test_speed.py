@@ -19,7 +19,9 @@ BENCH = {"read_bandwidth_gbs": 40.0, "decode_ratio": 0.8, "prefill_512_gflops": 
          "dense_gbs": {"torch_float32": {"1": 30.0, "4": 20.0, "16": 8.0},
                        "torch_bfloat16": {"1": 20.0, "4": 6.0, "16": 2.0},
                        "numba_bf16": {"1": 36.0, "4": 30.0, "16": 12.0},
-                       "numba_int8": {"1": 34.0, "4": 25.0, "16": 10.0}},
+                       "numba_int8": {"1": 34.0, "4": 25.0, "16": 10.0},
+                       "mla_numba_bf16": {"1": 24.0, "4": 10.0, "16": 3.0},
+                       "mla_torch_bfloat16": {"1": 2.0, "4": 0.5, "16": 0.1}},
          "matmul_gflops": {"bfloat16": 100.0}}
 
 
@@ -41,7 +43,7 @@ def test_dense_path_names():
     assert dense_path("torch.bfloat16", "off") == "torch_bfloat16"
     assert dense_path("float32", "int8") == "numba_int8" and dense_path(None, "bf16") == "numba_bf16"
     assert dense_path(None, None) is None
-    assert set(PATH_BYTES) >= set(BENCH["dense_gbs"])
+    assert set(PATH_BYTES) >= {p.removeprefix("mla_") for p in BENCH["dense_gbs"]}
 
 
 def test_interpolation_is_linear_in_time_per_byte():
@@ -70,9 +72,13 @@ def test_cpu_only_step_uses_the_path_rate(k26, batch, dtype, cpu_weights):
     path = dense_path(dtype, cpu_weights)
     assert p.prediction["accelerator_path"] == path
     rates = Hardware.from_dict(BENCH).dense_gbs
-    kvb = sum(n * k for n, k in linear_shapes(k26)["kv_b_proj"])     # torch's Linear in the model dtype
+    kvb = sum(n * k for n, k in linear_shapes(k26)["kv_b_proj"])
+    # kv_b_proj: our mla kernels with cpu_weights (else torch's bmm in the model dtype), at BENCH's "mla_" rate
+    # for that path where it has one, else at the path's Linear rate
+    kvb_path = path if cpu_weights else "torch_" + dtype
+    kvb_rate = rates.get("mla_" + kvb_path, rates[kvb_path])
     linears_ms = ((params - kvb) * PATH_BYTES[path] / (interpolate_rate(rates[path], batch) * 1e9)
-                  + kvb * PATH_BYTES["torch_" + dtype] / (interpolate_rate(rates["torch_" + dtype], batch) * 1e9)) * 1e3
+                  + kvb * PATH_BYTES[kvb_path] / (interpolate_rate(kvb_rate, batch) * 1e9)) * 1e3
     acc = p.prediction["decode_step_ms"]["accelerator"]
     assert linears_ms <= acc <= linears_ms * 1.2          # + router, norms and the KV cache at RAM speed
     assert p.prediction["decode_step_ms"]["overhead"] == 0.0   # not measured in BENCH
@@ -101,7 +107,7 @@ def test_without_dtype_the_old_model_stays(k26):
 
 def test_make_plan_predicts_the_cpu_default(k26):
     """Without a GPU, make_plan plans and predicts the default CPU path (cpu_weights auto = bf16 through our
-    kernels: the Linears at 2 bytes a weight, kv_b_proj in fp32), and "off" torch's float32 Linears."""
+    kernels: the Linears and kv_b_proj at 2 bytes a weight), and "off" torch's float32 Linears (kv_b_proj too)."""
     hw = Hardware.from_dict(BENCH)
     kw = dict(gpu_mem_bytes=0, ram_bytes=parse_size("2TB"), context=4096, hw=hw)
     auto, off = make_plan(k26, **kw), make_plan(k26, cpu_weights="off", **kw)
@@ -111,7 +117,7 @@ def test_make_plan_predicts_the_cpu_default(k26):
     for part in ("attention", "lm_head", "shared_experts"):
         n = sum(a * b for a, b in lin[part])
         assert auto.parts[part] == 2 * n and off.parts[part] == 4 * n
-    assert auto.parts["kv_b_proj"] == off.parts["kv_b_proj"] == 4 * sum(a * b for a, b in lin["kv_b_proj"])
+    assert 2 * auto.parts["kv_b_proj"] == off.parts["kv_b_proj"] == 4 * sum(a * b for a, b in lin["kv_b_proj"])
     assert auto.predicted_decode_tok_s > off.predicted_decode_tok_s
     gpu = make_plan(k26, gpu_mem_bytes=parse_size("48GB"), ram_bytes=parse_size("2TB"), context=4096)
     assert gpu.cpu_weights == "off"

@@ -11,7 +11,10 @@ last-level cache so every weight comes from DRAM:
   torch_float32   x @ W.T with W float32 (the model in float32, LLM's CPU default);
   torch_bfloat16  x @ W.T, both bf16 (the model in bf16);
   numba_bf16      cpu_kernels.dense.linear_bf16 (CPULinear "bf16"), x fp32;
-  numba_int8      cpu_kernels.dense.linear_int8 (CPULinear "int8"), x fp32.
+  numba_int8      cpu_kernels.dense.linear_int8 (CPULinear "int8"), x fp32;
+  mla_<path>      the absorbed decode's kv_b_proj halves (W_UK, W_UV at K2.6's 64 heads x 128 x 512) for
+                  each of the four: torch's bmm over the views in place (hybrid/model/attention.py), or
+                  CPULinear.mla_query + mla_output (cpu_kernels/mla_absorb.py).
 GB/s = weight bytes of the path / time (best of rounds); ratio = GB/s / read bandwidth measured right
 before and after each path's run (the best of the two). Also: torch's matmul GFLOP/s at 2048^3 in
 float32 and bf16 (prefill), and the int8 dot-product peak: a register-only loop of 256-bit vpmaddubsw +
@@ -40,6 +43,9 @@ from cpu_kernels.dense import linear_bf16, linear_int8  # noqa: E402
 # (out, in) shapes of K2.6's accelerator-side Linears decode reads (q_a, q_b, kv_a, o, shared gate/up/down)
 SHAPES = [(1536, 7168), (12288, 1536), (576, 7168), (7168, 8192), (2048, 7168), (2048, 7168), (7168, 2048)]
 PATHS = ("torch_float32", "torch_bfloat16", "numba_bf16", "numba_int8")
+MLA_PATHS = tuple("mla_" + p for p in PATHS)
+MLA_SHAPE = (64, 128, 512, 128)        # K2.6's kv_b_proj: heads, nope, kv_lora_rank, v_head_dim
+BYTES = {"torch_float32": 4, "torch_bfloat16": 2, "numba_bf16": 2, "numba_int8": 1}
 PEAK_ITERS = 1 << 22
 CHAINS = 12          # independent dependency chains: enough to cover vpmaddubsw + vpmaddwd latency
 
@@ -122,15 +128,18 @@ def matmul_gflops(threads: int, dtype: torch.dtype, n: int = 2048, rounds: int =
 
 
 def _weights(path: str, copies: int):
-    """`copies` copies of SHAPES in the path's storage: a list of (callable(x) -> y, bytes)."""
+    """`copies` copies of SHAPES (of MLA_SHAPE for mla_ paths) in the path's storage: a list of
+    (callable(x) -> y, bytes, k) with x [T, k]."""
+    if path.startswith("mla_"):
+        return [_mla_weights(path[4:], c) for c in range(copies)]
     out = []
     for c in range(copies):
         for n, k in SHAPES:
             w = torch.randn(n, k, generator=torch.Generator().manual_seed(c * 31 + n + k)) * 0.02
             if path == "torch_float32":
-                out.append((lambda x, w=w.contiguous(): x @ w.T, w.numel() * 4))
+                out.append((lambda x, w=w.contiguous(): x @ w.T, w.numel() * 4, k))
             elif path == "torch_bfloat16":
-                out.append((lambda x, w=w.to(torch.bfloat16): x.to(torch.bfloat16) @ w.T, w.numel() * 2))
+                out.append((lambda x, w=w.to(torch.bfloat16): x.to(torch.bfloat16) @ w.T, w.numel() * 2, k))
             elif path == "numba_bf16":
                 wb = w.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
@@ -138,7 +147,7 @@ def _weights(path: str, copies: int):
                     y = np.empty((x.shape[0], wb.shape[0]), np.float32)
                     linear_bf16(wb, x.numpy(), y)
                     return y
-                out.append((f, wb.nbytes))
+                out.append((f, wb.nbytes, k))
             else:
                 s = (w.abs().amax(1) / 127).float()
                 q = (w / s[:, None]).round().clamp(-127, 127).to(torch.int8).numpy()
@@ -147,24 +156,60 @@ def _weights(path: str, copies: int):
                     y = np.empty((x.shape[0], q.shape[0]), np.float32)
                     linear_int8(q, s, x.numpy(), y)
                     return y
-                out.append((f, q.nbytes + s.nbytes))
+                out.append((f, q.nbytes + s.nbytes, k))
     return out
+
+
+def _mla_weights(path: str, c: int):
+    """One kv_b_proj at MLA_SHAPE as the absorbed decode uses it on `path`: x [T, H * nope] is q_nope;
+    o_lat [T, H, R] is made once per T (the attention over the cache is not part of this)."""
+    from hybrid.model.cpu_linear import CPULinear
+    H, nope, R, V = MLA_SHAPE
+    lin = torch.nn.Linear(R, H * (nope + V), bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(H * (nope + V), R, generator=torch.Generator().manual_seed(c)) * 0.02)
+    o_lat = {}
+
+    def lat(T, dtype):
+        if T not in o_lat:
+            o_lat[T] = torch.randn(T, H, R).to(dtype)
+        return o_lat[T]
+    if path.startswith("torch_"):
+        dtype = getattr(torch, path[6:])
+        w = lin.weight.detach().to(dtype)
+        w_uk, w_uv = w[:H * nope].view(H, nope, R), w[H * nope:].view(H, V, R)
+
+        def f(x):
+            q = x.to(dtype).view(-1, H, nope)
+            torch.matmul(q.transpose(0, 1), w_uk)
+            return torch.matmul(w_uv, lat(x.shape[0], dtype).permute(1, 2, 0))
+        return f, w.numel() * w.element_size(), H * nope
+    m = CPULinear.from_linear(lin, path[6:])
+
+    def g(x):
+        m.mla_query(x.view(-1, H, nope))
+        return m.mla_output(lat(x.shape[0], torch.float32), nope, torch.float32)
+    return g, m.nbytes, H * nope
 
 
 def bench_path(path: str, threads: int, rows: list[int], llc: int, rounds: int = 3) -> dict:
     """{rows: GB/s} of one path over a working set >= 8x the LLC (in that path's bytes)."""
     torch.set_num_threads(threads)
     numba.set_num_threads(threads)
-    one = sum(n * k for n, k in SHAPES) * {"torch_float32": 4, "torch_bfloat16": 2, "numba_bf16": 2}.get(path, 1)
+    base = path[4:] if path.startswith("mla_") else path
+    if path.startswith("mla_"):
+        H, nope, R, V = MLA_SHAPE
+        one = H * (nope + V) * R * BYTES[base]
+    else:
+        one = sum(n * k for n, k in SHAPES) * BYTES[base]
     mats = _weights(path, max(1, -(-8 * llc // one)))
-    total = sum(b for _, b in mats)
+    total = sum(b for _, b, _ in mats)
     res = {}
     for T in rows:
-        xs = {k: torch.randn(T, k) for _, k in SHAPES}
-        xs = [xs[k] for _ in range(len(mats) // len(SHAPES)) for _, k in SHAPES]
-        for (f, _), x in zip(mats[:len(SHAPES)], xs):
-            f(x)                                           # compile / warm up
-        best = min(_timeit(lambda: [f(x) for (f, _), x in zip(mats, xs)]) for _ in range(rounds))
+        xs = {k: torch.randn(T, k) for k in {k for _, _, k in mats}}
+        for f, _, k in mats[:len(SHAPES)]:
+            f(xs[k])                                       # compile / warm up
+        best = min(_timeit(lambda: [f(xs[k]) for f, _, k in mats]) for _ in range(rounds))
         res[T] = total / best / 1e9
     return res
 
@@ -208,7 +253,7 @@ def step_overhead(threads: int, batches=(1, 4, 16), layers=(2, 6), steps: int = 
 def run(threads: int, rows: list[int], llc: int, read_bandwidth, say=print) -> dict:
     """All paths with the read bandwidth right before and after each; the int8 and matmul peaks."""
     out = {"dense_gbs": {}, "dense_ratio": {}, "dense_bw_around": {}}
-    for path in PATHS:
+    for path in PATHS + MLA_PATHS:
         before = read_bandwidth(threads, reps=3)
         r = bench_path(path, threads, rows, llc)
         after = read_bandwidth(threads, reps=3)
@@ -216,7 +261,7 @@ def run(threads: int, rows: list[int], llc: int, read_bandwidth, say=print) -> d
         out["dense_gbs"][path] = r
         out["dense_ratio"][path] = {T: g / bw for T, g in r.items()}
         out["dense_bw_around"][path] = (before, after)
-        say(f"  {path:15s} " + "  ".join(f"{T:2d} rows {g:5.1f} GB/s ({g / bw:.2f})" for T, g in r.items())
+        say(f"  {path:19s} " + "  ".join(f"{T:2d} rows {g:5.1f} GB/s ({g / bw:.2f})" for T, g in r.items())
             + f"   [read bw before {before:.1f} / after {after:.1f} GB/s]")
     out["matmul_gflops"] = {"float32": matmul_gflops(threads, torch.float32),
                             "bfloat16": matmul_gflops(threads, torch.bfloat16)}

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from hybrid.config import ModelConfig
+from hybrid.model.cpu_linear import CPULinear
 
 
 class RMSNorm(nn.Module):
@@ -209,15 +210,21 @@ class MLAttention(nn.Module):
             o[rows] = self._decode(q_nope[rows], q_pe[rows], cache, step)
         return self.o_proj(o.reshape(T, self.h * self.vd))
 
-    def _w_uk_uv(self):
-        w = self.kv_b_proj.weight
+    def _w_uk_uv(self, dtype: torch.dtype):
+        kvb = self.kv_b_proj      # CPULinear (CPU-only): its weight widened to the model dtype
+        w = kvb.dense_weight(dtype=dtype) if isinstance(kvb, CPULinear) else kvb.weight
         split = self.h * self.nope
         return w[:split].view(self.h, self.nope, self.r), w[split:].view(self.h, self.vd, self.r)
 
     def _decode(self, q_nope, q_pe, cache, step):
         """B one-token sequences in the absorbed form, one call over the latent cache (the cache's
         decode: gpu_kernels.mla_decode / paged_mla_decode, Triton on CUDA, their torch reference elsewhere)."""
-        w_uk, w_uv = self._w_uk_uv()
+        kvb = self.kv_b_proj
+        if isinstance(kvb, CPULinear):             # CPU-only: W_UK / W_UV read in place by our kernels
+            q_lat = kvb.mla_query(q_nope)                                          # [B, H, R]
+            o_lat = cache.decode(self.layer_idx, q_lat, q_pe, step, self.scale, triton=self.triton)
+            return kvb.mla_output(o_lat, self.nope, q_nope.dtype)                  # [B, H, V]
+        w_uk, w_uv = self._w_uk_uv(q_nope.dtype)
         # batched matmuls over the heads read the contiguous W_UK / W_UV in place
         q_lat = torch.matmul(q_nope.transpose(0, 1), w_uk).transpose(0, 1)       # [B, H, R]
         o_lat = cache.decode(self.layer_idx, q_lat, q_pe, step, self.scale, triton=self.triton)
@@ -241,7 +248,7 @@ class MLAttention(nn.Module):
         return torch.einsum("hnl,lhv->nhv", probs, v)                       # [n, H, V]
 
     def _absorbed(self, q_nope, q_pe, keys_c, keys_pe, mask):
-        w_uk, w_uv = self._w_uk_uv()
+        w_uk, w_uv = self._w_uk_uv(q_nope.dtype)
         q_lat = torch.einsum("nhd,hdr->nhr", q_nope, w_uk)                  # [n, H, R]
         scores = (torch.einsum("nhr,lr->hnl", q_lat, keys_c)
                   + torch.einsum("nhp,lp->hnl", q_pe, keys_pe)) * self.scale

@@ -14,17 +14,20 @@ torch's fp32 matmul, compute-bound there (also for a bf16 model: torch's bf16 ma
 GFLOP/s against 147 in fp32 on a 2-core Zen 2 without bf16 FMAs). The output has the input's dtype.
 
 The default (`LLM(cpu_weights="auto")`, resolve_cpu_weights) is "bf16" when the accelerator side runs on the
-CPU without gpu_weights quantization and numba's threading layer can run two kernels at once (omp or
-tbb: the expert worker thread runs its kernels while the main thread runs these): the products are the
+CPU without gpu_weights quantization (hybrid.formats.choose_cpu_weights): the products are the
 same fp32 products of the same bf16 values as torch's float32 Linear, in another summation order, for
 half the bytes read. A module whose weight is not exactly a bf16 value (a float32 checkpoint) keeps
 torch's Linear under "auto". "int8" halves the bytes again at a measured logit error and stays opt-in.
 
 `swap_cpu_linears(model, fmt)` replaces the same modules as hybrid/model/int8_linear.py's
-quantize_model_linears (QUANTIZABLE + lm_head; kv_b_proj stays: the absorbed decode reads it in place;
-the router stays fp32). Tests: tests/test_cpu_dense.py. Speed: tools/bench_generate.py --cpu-weights.
+quantize_model_linears (QUANTIZABLE + lm_head; the router stays fp32) and kv_b_proj: the absorbed decode
+(attention.py) reads its two halves W_UK / W_UV in place through cpu_kernels/mla_absorb.py (mla_query,
+mla_output), where torch's bmm over the bf16 views measured 1.7 GB/s at 1 token and 0.13 GB/s at 16 on
+a 2-core Zen 2. Tests: tests/test_cpu_dense.py. Speed: tools/bench_generate.py --cpu-weights.
 """
 from __future__ import annotations
+
+import contextlib
 
 import numba
 import numpy as np
@@ -32,7 +35,9 @@ import torch
 from torch import nn
 
 from cpu_kernels.dense import linear_bf16, linear_int8, threading_layer
+from cpu_kernels.mla_absorb import absorb_output, absorb_query
 from gpu_kernels import quantize_weight_8bit
+from hybrid.formats import choose_cpu_weights
 from hybrid.model.int8_linear import swap_linears
 
 FORMATS = ("bf16", "int8")
@@ -43,6 +48,17 @@ PREFILL_CHUNK_BYTES = 64 << 20   # widened weight chunk for the prefill path (fp
 def _threads() -> int:
     """torch's thread count for the accelerator side (LLM accel_threads), within numba's pool."""
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+@contextlib.contextmanager
+def _numba_threads():
+    """numba's kernels below run on torch's thread count, restored after."""
+    prev = numba.get_num_threads()
+    numba.set_num_threads(_threads())
+    try:
+        yield
+    finally:
+        numba.set_num_threads(prev)
 
 
 class CPULinear(nn.Module):
@@ -89,15 +105,11 @@ class CPULinear(nn.Module):
         if T <= DECODE_ROWS:
             xf = x2.detach().to(torch.float32).contiguous().numpy()
             y = np.empty((T, self.out_features), np.float32)
-            prev = numba.get_num_threads()
-            numba.set_num_threads(_threads())
-            try:
+            with _numba_threads():
                 if self.fmt == "bf16":
                     linear_bf16(self.weight_q.numpy().view(np.uint16), xf, y)
                 else:
                     linear_int8(self.weight_q.numpy(), self.weight_scale.numpy(), xf, y)
-            finally:
-                numba.set_num_threads(prev)
             out = torch.from_numpy(y)
         else:
             compute = torch.float32      # torch's bf16 matmul on a CPU without bf16 FMAs: 0.3 vs 147 GFLOP/s
@@ -109,29 +121,51 @@ class CPULinear(nn.Module):
                 torch.matmul(xc, self.dense_weight(rows, compute).T, out=out[:, rows])
         return out.to(x.dtype).reshape(*lead, self.out_features)
 
+    def _mla_halves(self, heads: int, nope: int):
+        """kv_b_proj's W_UK [H, nope, R] and W_UV [H, V, R] as numpy views of the held weight, and their
+        scales ([H, rows], or [H, 0] for bf16): rows grouped as the loader's regroup_kv_b leaves them."""
+        w = self.weight_q.numpy()
+        w = w.view(np.uint16) if self.fmt == "bf16" else w
+        split, R = heads * nope, self.in_features
+        s = self.weight_scale.numpy()
+        s_uk = s[:split].reshape(heads, nope) if self.fmt == "int8" else np.zeros((heads, 0), np.float32)
+        s_uv = s[split:].reshape(heads, -1) if self.fmt == "int8" else np.zeros((heads, 0), np.float32)
+        return w[:split].reshape(heads, nope, R), w[split:].reshape(heads, -1, R), s_uk, s_uv
+
+    def mla_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """MLA's absorbed query for kv_b_proj: q_nope [B, H, nope] -> q_lat [B, H, R] (cpu_kernels.mla_absorb)."""
+        B, H, nope = q_nope.shape
+        w_uk, _, s_uk, _ = self._mla_halves(H, nope)
+        out = np.empty((B, H, self.in_features), np.float32)
+        with _numba_threads():
+            absorb_query(w_uk, s_uk, q_nope.detach().to(torch.float32).contiguous().numpy(), out)
+        return torch.from_numpy(out).to(q_nope.dtype)
+
+    def mla_output(self, o_lat: torch.Tensor, nope: int, dtype: torch.dtype) -> torch.Tensor:
+        """MLA's absorbed output for kv_b_proj: o_lat [B, H, R] -> [B, H, V] in `dtype`."""
+        B, H, R = o_lat.shape
+        _, w_uv, _, s_uv = self._mla_halves(H, nope)
+        out = np.empty((H, B, w_uv.shape[1]), np.float32)
+        with _numba_threads():
+            absorb_output(w_uv, s_uv, o_lat.detach().to(torch.float32).transpose(0, 1).contiguous().numpy(), out)
+        return torch.from_numpy(out).to(dtype).transpose(0, 1)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
 
 
 def resolve_cpu_weights(requested: str, device_type: str, gpu_weights: str = "bf16") -> tuple[str, str]:
-    """(format, why) for LLM(cpu_weights=requested): "auto" picks "bf16" on a CPU-only run (see the module
-    docstring) and "off" elsewhere; an explicit "bf16" / "int8" where it cannot apply is an error."""
-    if requested not in ("auto", "off", *FORMATS):
-        raise ValueError(f"cpu_weights {requested!r}: choose auto, off, {', '.join(FORMATS)}")
-    if requested == "auto":
-        if device_type != "cpu":
-            return "off", "the accelerator side runs on the GPU"
-        if gpu_weights != "bf16":
-            return "off", f"gpu_weights={gpu_weights} quantizes those Linears already"
+    """(format, why) for LLM(cpu_weights=requested): hybrid.formats.choose_cpu_weights, with one fallback: "auto"
+    keeps torch's Linears where numba's threading layer is workqueue, which fails when two threads call
+    parallel kernels at once (a guard: on a CPU-only machine the routed experts run inline on the engine's
+    thread, hybrid/experts/offload.py, so nothing here calls them from two threads today)."""
+    fmt, why = choose_cpu_weights(requested, device_type == "cpu", gpu_weights)
+    if requested == "auto" and fmt == "bf16":
         layer = threading_layer()
         if layer not in ("omp", "tbb"):
             return "off", (f"FALLBACK to torch's Linears: numba's threading layer is {layer!r}, which cannot run "
-                           "these kernels beside the expert kernels (install tbb, or a libgomp for omp)")
-        return "bf16", "auto: CPU-only, the checkpoint's bf16 values through our kernels, half the bytes of float32"
-    if requested != "off" and (device_type != "cpu" or gpu_weights != "bf16"):
-        raise ValueError("cpu_weights applies when the accelerator side runs on the CPU (device='cpu'), "
-                         "without gpu_weights")
-    return requested, "requested" if requested != "off" else "off: torch's Linears"
+                           "kernels from two threads at once (install tbb, or a libgomp for omp)")
+    return fmt, why
 
 
 def _bf16_exact(w: torch.Tensor) -> bool:
@@ -155,5 +189,5 @@ def swap_cpu_linears(model: nn.Module, fmt: str = "bf16", lm_head: bool = True, 
             kept.append(old)
             return old
         return CPULinear.from_linear(old, fmt)
-    out = swap_linears(model, make, lm_head)
+    out = swap_linears(model, make, lm_head, kv_b=True)
     return {**out, "kept": len(kept)}

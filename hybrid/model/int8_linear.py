@@ -73,12 +73,16 @@ def quantize_model_linears(model: nn.Module, fmt: str = "int8", lm_head: bool = 
     return swap_linears(model, lambda old: Int8Linear.from_linear(old, fmt), lm_head)
 
 
-def swap_linears(model: nn.Module, make, lm_head: bool = True) -> dict:
-    """Replace each accelerator-side nn.Linear matched by QUANTIZABLE (and lm_head when `lm_head`) with
-    make(old), in place; the one loop behind quantize_model_linears and cpu_linear.swap_cpu_linears.
+KV_B = re.compile(r"model\.layers\.\d+\.self_attn\.kv_b_proj$")
+
+
+def swap_linears(model: nn.Module, make, lm_head: bool = True, kv_b: bool = False) -> dict:
+    """Replace each accelerator-side nn.Linear matched by QUANTIZABLE (and lm_head when `lm_head`, kv_b_proj
+    when `kv_b`) with make(old), in place; the one loop behind quantize_model_linears and
+    cpu_linear.swap_cpu_linears (which takes kv_b_proj too: its kernels read W_UK / W_UV in place).
     `make(old).nbytes` is its size; make may return old (not swapped, not counted). Returns {"swapped": n, "bytes_before": b0, "bytes_after": b1}."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-             and (QUANTIZABLE.match(n) or (lm_head and n == "lm_head"))]
+             and (QUANTIZABLE.match(n) or (lm_head and n == "lm_head") or (kv_b and KV_B.match(n)))]
     before = after = swapped = 0
     for name in names:
         parent_name, _, attr = name.rpartition(".")

@@ -23,13 +23,13 @@ from pathlib import Path
 
 from hybrid.config import ModelConfig
 from hybrid.experts.backends import BACKENDS, expert_nbytes
-from hybrid.formats import INT4_GROUP, int4_expert_nbytes
+from hybrid.formats import CPU_WEIGHTS, INT4_GROUP, choose_cpu_weights, int4_expert_nbytes
 from hybrid.speed import Hardware, predict
 
 GIB = 1 << 30
 GPU_FORMATS = ("bf16", "int8", "fp8")
 KV_DTYPES = ("auto", "bf16", "fp8", "int8")
-CPU_FORMATS = ("auto", "off", "bf16", "int8")
+CPU_FORMATS = CPU_WEIGHTS
 GPU_RESERVE_BYTES = 2 * GIB       # CUDA context, allocator slack, activations of a step
 RAM_RESERVE_BYTES = 8 * GIB       # OS, Python + torch, page cache while reading shards
 KV_BYTES = 2                      # bf16 latent cache
@@ -119,20 +119,20 @@ def expert_bytes(config: ModelConfig) -> int:
 
 
 def resolve_cpu_weights(cpu_weights: str, on_gpu: bool, gpu_weights: str = "bf16") -> str:
-    """The plan's reading of LLM(cpu_weights=): "auto" is "bf16" without a GPU and without gpu_weights
-    quantization (hybrid/model/cpu_linear.py resolve_cpu_weights; the plan assumes numba's threading layer
-    allows it), else "off"; an explicit format only applies without a GPU."""
-    if cpu_weights not in CPU_FORMATS:
-        raise ValueError(f"cpu_weights {cpu_weights!r} unknown; choose one of {', '.join(CPU_FORMATS)}")
-    if on_gpu or gpu_weights != "bf16":
+    """The plan's reading of LLM(cpu_weights=): hybrid.formats.choose_cpu_weights, the same decision (the
+    plan assumes numba's threading layer allows it: hybrid/model/cpu_linear.py resolve_cpu_weights), except
+    that an explicit format reads as "off" where it cannot apply: the advice re-plans a resolved plan with
+    a GPU or gpu_weights it suggests."""
+    if cpu_weights in ("bf16", "int8") and (on_gpu or gpu_weights != "bf16"):
         return "off"
-    return "bf16" if cpu_weights == "auto" else cpu_weights
+    return choose_cpu_weights(cpu_weights, not on_gpu, gpu_weights)[0]
 
 
 def accelerator_parts(config: ModelConfig, fmt: str, dense_bytes: int = 2, cpu_weights: str = "off") -> dict[str, int]:
     """Bytes of the accelerator-side weights by part; `fmt` applies to the Linears (8 bits: + fp32 scale per
     row) but kv_b_proj, which stays in the model dtype (hybrid/model/int8_linear.py says why). A resolved
-    `cpu_weights` ("bf16" | "int8", CPU-only) sets the Linears' bytes the same way (kv_b_proj again excepted)."""
+    `cpu_weights` ("bf16" | "int8", CPU-only) sets the Linears' bytes the same way, kv_b_proj included (its
+    absorbed decode runs through cpu_kernels/mla_absorb.py, hybrid/model/cpu_linear.py)."""
     c = config
     out = {}
     if cpu_weights == "bf16":
@@ -140,7 +140,7 @@ def accelerator_parts(config: ModelConfig, fmt: str, dense_bytes: int = 2, cpu_w
     else:
         fmt, dense_linear = (cpu_weights if cpu_weights == "int8" else fmt), dense_bytes
     for part, shapes in linear_shapes(c).items():
-        if part == "kv_b_proj":
+        if part == "kv_b_proj" and cpu_weights not in ("bf16", "int8"):
             out[part] = sum(n * k for n, k in shapes) * dense_bytes
         elif fmt == "bf16":
             out[part] = sum(n * k for n, k in shapes) * dense_linear
