@@ -18,6 +18,7 @@ from hybrid.experts.streaming import LayerShape, Rates, expected_experts_hit, la
 TRANSFER_LATENCY_S = 10e-6        # per host<->device copy + sync in a decode step
 INT4_GPU_EFFICIENCY = 0.5         # W4A16 kernels reach about half the dense bf16 peak
 # bytes per weight of the accelerator-side Linears on the CPU, by path (dense_path)
+CPU_LINEAR_NUMBA_ROWS = 64     # hybrid/model/cpu_linear.py DECODE_ROWS: calls up to this many rows run our kernels
 PATH_BYTES = {"torch_float32": 4, "torch_bfloat16": 2, "torch_float16": 2, "numba_bf16": 2, "numba_int8": 1}
 
 
@@ -143,7 +144,9 @@ def predict(config: ModelConfig, plan, hw: Hardware, prefill_tokens: int, *, exp
     Prefill of one prompt of T tokens: per MoE layer min(cpu(T), stream(T)) from
     hybrid/experts/streaming.py, plus the accelerator side at 2 flop per weight per token and
     the causal attention (T^2/2 * H * (d_qk + d_v) * 2 flop per layer) at gpu_tflops
-    (on a CPU-only machine: torch's matmul GFLOP/s for `dtype`, float32 with cpu_weights, where measured, else cpu_gflops);
+    (on a CPU-only machine: torch's matmul GFLOP/s for `dtype` where measured, else cpu_gflops; with
+    cpu_weights, CPULinear's two paths: up to CPU_LINEAR_NUMBA_ROWS tokens the Numba kernels at their
+    16-row rate in flop, beyond it torch's fp32 matmul plus widening the weight through RAM);
     prefill tok/s = T / total."""
     c = config
     gpu = plan.on_gpu and hw.has_gpu
@@ -198,6 +201,17 @@ def predict(config: ModelConfig, plan, hw: Hardware, prefill_tokens: int, *, exp
     mm_dtype = "float32" if cpu_weights in ("bf16", "int8") else (str(dtype).replace("torch.", "") if dtype else None)
     cpu_mm = hw.matmul_gflops.get(mm_dtype) if mm_dtype else None     # CPULinear's prefill runs in fp32
     t_dense = flops / ((hw.gpu_tflops * 1e12) if gpu else ((cpu_mm or hw.cpu_gflops) * 1e9))
+    if not gpu and path in hw.dense_gbs and path.startswith("numba_"):
+        lin_flops, attn_s = 2 * params * T, attn_flops / ((cpu_mm or hw.cpu_gflops) * 1e9)
+        if T <= CPU_LINEAR_NUMBA_ROWS:
+            # CPULinear's Numba kernels, compute-bound past 16 rows: the 16-row rate in flop
+            rows = max(hw.dense_gbs[path])
+            gflops = 2 * rows * interpolate_rate(hw.dense_gbs[path], rows) / PATH_BYTES[path]
+            t_dense = lin_flops / (gflops * 1e9) + attn_s
+        elif cpu_mm:
+            # the weight widened to fp32 (read it, write and read 4 bytes a weight), then torch's fp32 matmul
+            widen = params * (PATH_BYTES[path] + 8) / (hw.ram_bandwidth_gbs * 1e9)
+            t_dense = lin_flops / (cpu_mm * 1e9) + widen + attn_s
     plan.predicted_prefill_tok_s = T / (t_exp + t_dense)
     plan.prediction = {
         "decode_step_ms": {"cpu_experts": t_cpu * 1e3, "accelerator": t_gpu * 1e3, "transfers": t_xfer * 1e3,

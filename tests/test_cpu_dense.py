@@ -87,7 +87,7 @@ def test_linear_entry_point_checks_its_inputs():
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])
-@pytest.mark.parametrize("rows", [1, 3, 16, 40])      # <= DECODE_ROWS: Numba; more: torch's matmul
+@pytest.mark.parametrize("rows", [1, 3, 16, 40, 65])  # <= DECODE_ROWS (64): Numba; more: torch's matmul
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_linear_is_the_linear_of_its_weight(fmt, rows, dtype):
     lin = nn.Linear(97, 71, bias=False)
@@ -105,6 +105,17 @@ def test_cpu_linear_is_the_linear_of_its_weight(fmt, rows, dtype):
     ref = F.linear(x.float(), w)
     tol = TOL_LINEAR if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)   # bf16 output rounding
     torch.testing.assert_close(got.reshape(rows, 71).float(), ref, **tol)
+
+
+def test_prefill_buffer_made_in_inference_mode_is_usable_outside():
+    """The reused widening buffer (first made under the engine's inference_mode) takes writes outside it."""
+    m = CPULinear.from_linear(nn.Linear(33, 90, bias=False), "bf16")
+    x = torch.randn(cpu_linear.DECODE_ROWS + 1, 33)
+    cpu_linear._local.__dict__.clear()
+    with torch.inference_mode():
+        a = m(x)
+    b = m(x)
+    torch.testing.assert_close(a, b)
 
 
 def test_cpu_linear_prefill_chunks(monkeypatch):

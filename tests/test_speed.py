@@ -146,3 +146,25 @@ def test_step_overhead_is_taken_for_the_model_dtype(k26):
         predict(k26, p, hw, 512, expert_bytes=expert_bytes(k26), params=params, kv_bytes=4, dtype=dtype,
                 cpu_weights="bf16")
         assert p.prediction["decode_step_ms"]["overhead"] == pytest.approx(want)
+
+
+def test_cpu_prefill_follows_cpulinear_paths(k26):
+    """With cpu_weights, prefill's Linears take CPULinear's two paths: up to CPU_LINEAR_NUMBA_ROWS tokens our
+    kernels at their 16-row rate in flop (2 x 16 x GB/s / bytes a weight), beyond it torch's fp32 matmul
+    plus widening the weight (bytes + 8 per weight through RAM); the attention at the matmul rate."""
+    from hybrid.model import cpu_linear
+    from hybrid.speed import CPU_LINEAR_NUMBA_ROWS
+    assert CPU_LINEAR_NUMBA_ROWS == cpu_linear.DECODE_ROWS
+    hw = Hardware.from_dict({**BENCH, "matmul_gflops": {"float32": 200.0}})
+    params = sum(n * k for shapes in linear_shapes(k26).values() for n, k in shapes)
+    c = k26
+    for T in (64, 65):
+        p = make_plan(k26, gpu_mem_bytes=0, ram_bytes=parse_size("2TB"), context=4096, batch=1, hw=hw)
+        predict(k26, p, hw, T, expert_bytes=expert_bytes(k26), params=params, kv_bytes=4, dtype="float32",
+                cpu_weights="bf16")
+        attn = c.num_hidden_layers * (T * T / 2) * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * 2 / 200e9
+        if T == 64:
+            want = 2 * params * T / (2 * 16 * 12.0 / 2 * 1e9) + attn          # numba_bf16 at 16 rows: 12 GB/s
+        else:
+            want = 2 * params * T / 200e9 + params * (2 + 8) / (40.0 * 1e9) + attn
+        assert p.prediction["prefill_s"]["accelerator"] == pytest.approx(want, rel=1e-9)

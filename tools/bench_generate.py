@@ -138,17 +138,19 @@ def run_batch(llm, timer, B: int, prompt_len: int, steps: int) -> dict:
 
 def predicted(llm, hw_file: str, batch: int, prompt_len: int, steps: int, cpu_weights: str = "off") -> dict:
     """hybrid plan's prediction for this machine (no GPU here: everything in RAM), re-run by
-    hybrid.speed.predict with this run's dtype and CPU weight format."""
+    hybrid.speed.predict with this run's dtype and CPU weight format. Prefill: the plan's one prompt of
+    batch * prompt_len tokens (the batched prefill's Linears and experts see that many rows; its
+    attention, per prompt, is a small part at these lengths)."""
     from hybrid.plan import Hardware, machine_memory, make_plan
     from hybrid.speed import predict
     hw = Hardware.from_dict(json.load(open(hw_file)))
     mem = machine_memory()
     plan = make_plan(llm.config, gpu_mem_bytes=mem["gpu_mem_bytes"], ram_bytes=mem["ram_bytes"],
-                     context=prompt_len + steps + 8, batch=batch, hw=hw, prefill_tokens=prompt_len,
+                     context=prompt_len + steps + 8, batch=batch, hw=hw, prefill_tokens=batch * prompt_len,
                      cpu_weights=cpu_weights)
     from hybrid.plan import KV_BYTES, expert_bytes, linear_shapes
     params = sum(n * k for shapes in linear_shapes(llm.config).values() for n, k in shapes)
-    predict(llm.config, plan, hw, prompt_len, expert_bytes=expert_bytes(llm.config), params=params,
+    predict(llm.config, plan, hw, batch * prompt_len, expert_bytes=expert_bytes(llm.config), params=params,
             kv_bytes=KV_BYTES, dtype=str(llm.dtype).replace("torch.", ""), cpu_weights=cpu_weights)
     return {"predicted_prefill_tok_s": plan.predicted_prefill_tok_s,
             "predicted_decode_tok_s": plan.predicted_decode_tok_s,

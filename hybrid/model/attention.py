@@ -210,7 +210,7 @@ class MLAttention(nn.Module):
             o[rows] = self._decode(q_nope[rows], q_pe[rows], cache, step)
         return self.o_proj(o.reshape(T, self.h * self.vd))
 
-    def _w_uk_uv(self, dtype: torch.dtype):
+    def _w_uk_uv(self, dtype: torch.dtype = torch.float32):
         kvb = self.kv_b_proj      # CPULinear (CPU-only): its weight widened to the model dtype
         w = kvb.dense_weight(dtype=dtype) if isinstance(kvb, CPULinear) else kvb.weight
         split = self.h * self.nope

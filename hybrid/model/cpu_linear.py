@@ -9,9 +9,11 @@ reaches about half the read bandwidth there, and float32 reads twice the bytes o
     "int8": per-output-channel absmax int8 + an fp32 scale (gpu_kernels.quantize_weight_8bit, the
             same quantizer as --gpu-weights int8), 1 byte per weight;
 and multiplies with cpu_kernels.dense (Numba, fp32 accumulation) when a call has at most
-DECODE_ROWS rows; longer calls (prefill) widen the weight to fp32 in chunks of output rows and use
-torch's fp32 matmul, compute-bound there (also for a bf16 model: torch's bf16 matmul measured 0.3
-GFLOP/s against 147 in fp32 on a 2-core Zen 2 without bf16 FMAs). The output has the input's dtype.
+DECODE_ROWS rows (decode, and short prompts); longer calls (prefill) widen the weight to fp32 in chunks of
+output rows and use torch's fp32 matmul, compute-bound there (also for a bf16 model: torch's bf16 matmul
+measured 0.3 GFLOP/s against 147 in fp32 on a 2-core Zen 2 without bf16 FMAs). The output has the
+input's dtype. DECODE_ROWS: on K2.6's attention and shared-expert shapes, 2-core Zen 2, the Numba kernels
+gave 70-80 GFLOP/s at 16-256 rows and the widen + matmul path 15 / 56 / 75 / 99 at 16 / 64 / 128 / 256.
 
 The default (`LLM(cpu_weights="auto")`, resolve_cpu_weights) is "bf16" when the accelerator side runs on the
 CPU without gpu_weights quantization (hybrid.formats.choose_cpu_weights): the products are the
@@ -28,6 +30,7 @@ a 2-core Zen 2. Tests: tests/test_cpu_dense.py. Speed: tools/bench_generate.py -
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import numba
 import numpy as np
@@ -41,13 +44,25 @@ from hybrid.formats import choose_cpu_weights
 from hybrid.model.int8_linear import swap_linears
 
 FORMATS = ("bf16", "int8")
-DECODE_ROWS = 16                 # calls with more rows (prefill) go through torch's matmul
+DECODE_ROWS = 64                 # calls with more rows (prefill) go through torch's matmul
 PREFILL_CHUNK_BYTES = 64 << 20   # widened weight chunk for the prefill path (fp32 bytes)
 
 
 def _threads() -> int:
     """torch's thread count for the accelerator side (LLM accel_threads), within numba's pool."""
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+_local = threading.local()
+
+
+def _scratch(n: int) -> torch.Tensor:
+    """A flat fp32 buffer of at least n elements, one per thread, kept between calls."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < n:
+        with torch.inference_mode(False):     # a normal tensor: writable in and out of inference mode
+            buf = _local.buf = torch.empty(n, dtype=torch.float32)
+    return buf
 
 
 @contextlib.contextmanager
@@ -112,13 +127,21 @@ class CPULinear(nn.Module):
                     linear_int8(self.weight_q.numpy(), self.weight_scale.numpy(), xf, y)
             out = torch.from_numpy(y)
         else:
-            compute = torch.float32      # torch's bf16 matmul on a CPU without bf16 FMAs: 0.3 vs 147 GFLOP/s
+            # fp32: torch's bf16 matmul on a CPU without bf16 FMAs measured 0.3 vs 147 GFLOP/s. The weight is
+            # widened chunk by chunk into one reused buffer (a fresh 64 MiB tensor per chunk cost its page
+            # faults every call: ~4x slower at 64 tokens)
             step = max(1, PREFILL_CHUNK_BYTES // (4 * K))
-            xc = x2.to(compute)
-            out = torch.empty(T, self.out_features, dtype=compute)
+            xc = x2.to(torch.float32)
+            out = torch.empty(T, self.out_features, dtype=torch.float32)
+            buf = _scratch(min(step, self.out_features) * K)
             for n0 in range(0, self.out_features, step):
                 rows = slice(n0, min(self.out_features, n0 + step))
-                torch.matmul(xc, self.dense_weight(rows, compute).T, out=out[:, rows])
+                w = buf[:(rows.stop - n0) * K].view(-1, K)
+                if self.fmt == "bf16":
+                    w.copy_(self.weight_q[rows].view(torch.bfloat16))
+                else:
+                    w.copy_(self.weight_q[rows]).mul_(self.weight_scale[rows, None])
+                torch.matmul(xc, w.T, out=out[:, rows])
         return out.to(x.dtype).reshape(*lead, self.out_features)
 
     def _mla_halves(self, heads: int, nope: int):
