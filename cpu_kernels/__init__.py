@@ -6,7 +6,8 @@
 
 ``isa.ISA`` is the instruction set the kernels use (AVX512-VNNI / AVX-VNNI / AVX2 / generic, picked at
 import; HYBRID_CPU_ISA forces one). ``dense.py``: matrix-vector kernels for dense Linears (bf16 / int8
-weights) used by hybrid/model/cpu_linear.py on CPU-only machines (tests/test_cpu_dense.py).
+weights) used by hybrid/model/cpu_linear.py on CPU-only machines, and ``mla_absorb.py``: MLA's absorbed
+kv_b_proj products per head, read in place (both: tests/test_cpu_dense.py).
 ``moe_int4_ref`` / ``linear_ref`` (reference.py) are the plain numpy yardsticks beside them; ``KTExperts``
 (kt_backend.py) runs KTransformers' kt-kernel where that package is installed. The runtime's backend
 registry is hybrid/experts/backends.py. Tests: tests/test_cpu_kernels.py.

@@ -1,6 +1,8 @@
-"""CPU dense Linears (cpu_kernels/dense.py, hybrid/model/cpu_linear.py): the Numba matrix-vector
-kernels against the float64 numpy reference (cpu_kernels.reference.linear_ref) on fresh random inputs
-with odd sizes, CPULinear against F.linear on the weight it stands for (decode and prefill paths),
+"""CPU dense Linears (cpu_kernels/dense.py, cpu_kernels/mla_absorb.py, hybrid/model/cpu_linear.py): the Numba
+matrix-vector kernels and MLA's absorbed kv_b_proj kernels against float64 numpy references
+(cpu_kernels.reference.linear_ref, mla_absorb.reference) on fresh random inputs with odd sizes, the
+model's cached absorbed decode through them against torch's bmm in float32 and bfloat16, CPULinear
+against F.linear on the weight it stands for (decode and prefill paths),
 the module swap, and the logit error of the swapped tiny checkpoints against the unswapped fp32
 model (bf16 storage: the checkpoint's own values, so only the summation order differs; int8: the
 per-channel quantization error, bounded like --gpu-weights int8 in tests/test_gpu_weights.py).
