@@ -4,7 +4,7 @@
     hybrid chat MODEL_DIR                         terminal chat
     hybrid serve MODEL_DIR [--port 8000]          OpenAI-compatible server
     hybrid batch MODEL_DIR --input in.jsonl --output out.jsonl
-    hybrid plan ...                               will it fit, where do the experts go (hybrid/plan.py)
+    hybrid plan ...                               will it fit, where do the experts go (hybrid/apps/plan_cli.py)
     hybrid profile MODEL_DIR --prompts FILE       routing counts for --gpu-experts (hybrid/apps/profile.py)
     hybrid bench generate|experts [ARGS]          tools/bench_generate.py, tools/bench_experts.py
 

@@ -2,7 +2,7 @@
 
     plan = make_plan(config, gpu_mem_bytes=24 * GIB, ram_bytes=512 * GIB, context=65536,
                      gpu_weights="int8", hw=Hardware.from_dict(json.load(open("hw.json"))))
-    print(format_plan(plan))     # `hybrid plan MODEL_DIR ...` is hybrid.apps.cli.cli_plan(argv)
+    print(format_plan(plan))     # `hybrid plan MODEL_DIR ...` is hybrid.apps.plan_cli.cli_plan(argv)
 
 GPU: the accelerator-side weights (MLA, dense layers, shared experts, lm_head in bf16 or 8 bits per
 hybrid/model/int8_linear.py, kv_b_proj kept bf16; router fp32; norms and embeddings bf16), hot experts
