@@ -106,9 +106,15 @@ class CPULinear(nn.Module):
     def nbytes(self) -> int:
         return self.weight_q.numel() * self.weight_q.element_size() + self.weight_scale.numel() * 4
 
-    def dense_weight(self, rows: slice = slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight this module multiplies by (rows of it), widened to `dtype`."""
+    def dense_weight(self, rows: slice = slice(None), dtype: torch.dtype = torch.float32,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight this module multiplies by (rows of it), widened to `dtype`; into `out` (fp32, the
+        rows' shape) when given."""
         q = self.weight_q[rows]
+        if out is not None:
+            if self.fmt == "bf16":
+                return out.copy_(q.view(torch.bfloat16))
+            return out.copy_(q).mul_(self.weight_scale[rows, None])
         if self.fmt == "bf16":
             return q.view(torch.bfloat16).to(dtype)
         return (q.to(torch.float32) * self.weight_scale[rows, None]).to(dtype)
@@ -136,11 +142,7 @@ class CPULinear(nn.Module):
             buf = _scratch(min(step, self.out_features) * K)
             for n0 in range(0, self.out_features, step):
                 rows = slice(n0, min(self.out_features, n0 + step))
-                w = buf[:(rows.stop - n0) * K].view(-1, K)
-                if self.fmt == "bf16":
-                    w.copy_(self.weight_q[rows].view(torch.bfloat16))
-                else:
-                    w.copy_(self.weight_q[rows]).mul_(self.weight_scale[rows, None])
+                w = self.dense_weight(rows, out=buf[:(rows.stop - n0) * K].view(-1, K))
                 torch.matmul(xc, w.T, out=out[:, rows])
         return out.to(x.dtype).reshape(*lead, self.out_features)
 
