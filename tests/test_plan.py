@@ -175,6 +175,15 @@ def test_bad_arguments(k26):
         plan(k26, context=10**7)
 
 
+def test_cli_plan_refuses_cpu_weights_with_a_gpu(capsys):
+    """An explicit --cpu-weights format with a GPU is one line on stderr, exit 2, as LLM refuses it."""
+    assert main(["plan", str(K26), "--gpu-mem", "24GB", "--ram", "1TB", "--cpu-weights", "int8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cpu_weights" in err
+    assert cli_plan([str(K26), "--gpu-mem", "0", "--ram", "1TB", "--context", "4096", "--cpu-weights", "int8",
+                     "--json"]) in (0, 1)
+
+
 def test_cli_plan_json(capsys):
     rc = cli_plan([str(K26), "--gpu-mem", "24GB", "--ram", "1TB", "--context", "65536", "--json"])
     out = json.loads(capsys.readouterr().out)

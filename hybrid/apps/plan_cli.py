@@ -8,6 +8,8 @@ import argparse
 import json
 from pathlib import Path
 
+from hybrid.formats import choose_cpu_weights
+
 
 def _plan_parser():
     from hybrid import plan
@@ -55,6 +57,9 @@ def cli_plan(argv: list[str] | None = None) -> int:
             raise ValueError(f"--hw {args.hw}: {e.strerror or e}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"--hw {args.hw}: not JSON ({e})") from None
+    # an explicit --cpu-weights where it cannot apply is refused as LLM refuses it (the plan itself reads it
+    # as "off", for the advice's re-plans)
+    choose_cpu_weights(args.cpu_weights, gpu_mem == 0, args.gpu_weights)
     kw = dict(gpu_mem_bytes=gpu_mem, ram_bytes=ram, batch=args.max_batch, gpu_weights=args.gpu_weights,
               gpu_experts=args.gpu_experts, expert_backend=args.expert_backend, kv_cache_dtype=args.kv_cache_dtype,
               cpu_weights=args.cpu_weights)
