@@ -28,7 +28,10 @@ stream (the hardware prefetchers alone leave ~15% of the bandwidth unused on one
 Instruction set (isa.py, picked at import, HYBRID_CPU_ISA forces one): with AVX512-VNNI or AVX-VNNI
 the maddubs/add/pmaddwd chain of a group is one ``vpdpbusd`` per product (u8 x s8 summed in 4s into
 the s32 lane of each row, exactly the same sums); on CPUs without AVX2 the IR uses generic vector
-operations instead.
+operations instead. With avx512vnni512 (and its portable twin generic512) each call covers TPC = 2
+adjacent tiles: the same 32-byte vectors of both tiles are joined into one 512-bit register (16 lanes =
+16 rows, W = 16), so the layout is unchanged and every caller steps over tiles in pairs (all item sizes
+are multiples of 32 rows).
 Checked by tests/test_cpu_kernels.py; speed by tools/bench_experts.py.
 """
 import numpy as np
@@ -37,18 +40,20 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from llvmlite import ir
 
-from .isa import FORCED, ISA
+from .isa import FORCED, ISA, WIDE as WIDE_ISAS
 
 GROUP = 32
-TILE = 8              # rows per tile = fp32 lanes of one AVX2 register
+TILE = 8              # rows per tile = fp32 lanes of one AVX2 register (layout.py)
 BLOCK = 144           # bytes per (tile, group): 128 nibble bytes + 8 bf16 scales
 ROWS_PER_ITEM = 32    # output rows per `down` work item (prefill)
 # Software prefetch distance in the weight stream (bytes; 0 = off). Measured on the 2-core EPYC,
 # one thread streaming 400 MB: 0 -> 0.83, 4096 -> 0.92, 8192 -> 0.97 of the read bandwidth.
 # A constant on purpose: numba's cache does not see environment variables.
 PREFETCH = 8192
-HAS_AVX2 = ISA != "generic"
-VNNI = ISA in ("avx512vnni", "avxvnni")
+HAS_AVX2 = ISA not in ("generic", "generic512")
+VNNI = ISA in ("avx512vnni", "avxvnni") + WIDE_ISAS
+TPC = 2 if ISA in WIDE_ISAS else 1   # tiles per kernel call: 512-bit registers hold two tiles' 8 rows
+W = TILE * TPC                       # rows (fp32 lanes) per kernel call
 _CACHE = not FORCED       # a forced ISA is compiled fresh: numba's cache does not see HYBRID_CPU_ISA
 
 _i8, _i16, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
@@ -101,32 +106,50 @@ def _pairsum_i32(builder, a):
 
 
 def _dpbusd(builder, acc, u, x):
-    """acc s32 [8] + sums of 4 adjacent u8 x s8 products (vpdpbusd, 256-bit; VEX with AVX-VNNI)."""
-    f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_v8i32, [_v8i32] * 3),
-                                       "llvm.x86.avx512.vpdpbusd.256")
-    return builder.call(f, [acc, builder.bitcast(u, _v8i32), builder.bitcast(x, _v8i32)])
+    """acc s32 [L] + sums of 4 adjacent u8 x s8 products: vpdpbusd (256-bit, VEX with AVX-VNNI; 512-bit
+    with avx512vnni512), or the same sums in plain vector operations (generic512)."""
+    L = acc.type.count
+    if ISA == "generic512":
+        prod = builder.mul(builder.zext(u, ir.VectorType(_i32, 4 * L)), builder.sext(x, ir.VectorType(_i32, 4 * L)))
+        pairs = _even_odd_add(builder, prod, ir.VectorType(_i32, 2 * L))
+        return builder.add(acc, _even_odd_add(builder, pairs, acc.type))
+    f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(acc.type, [acc.type] * 3),
+                                       f"llvm.x86.avx512.vpdpbusd.{32 * L}")
+    return builder.call(f, [acc, builder.bitcast(u, acc.type), builder.bitcast(x, acc.type)])
+
+
+def _concat(builder, parts):
+    """Two vectors of one type -> one of twice the lanes (a 512-bit value from two 256-bit tiles)."""
+    if len(parts) == 1:
+        return parts[0]
+    n = parts[0].type.count
+    return builder.shuffle_vector(parts[0], parts[1], ir.Constant(ir.VectorType(_i32, 2 * n), list(range(2 * n))))
 
 
 def _make_dot_tile(nt):
-    """IR: one tile of 8 weight rows . nt tokens, over all G groups.
+    """IR: TPC tiles of 8 weight rows (TPC * 8 = W lanes) . nt tokens, over all G groups.
 
-    Arguments (integers; pointers as addresses): w (the tile's G blocks of 144 bytes), G,
-    x_0..x_3 (tokens' int8 rows, 32G bytes), a_0..a_3 (tokens' fp32 [sx[G], c[G]]),
-    out (fp32 [nt, 8]: out[8t + r] = row r . token t). Token slots j >= nt are ignored."""
+    Arguments (integers; pointers as addresses): w (the first tile's G blocks of 144 bytes), ts (bytes
+    from one tile to the next), G, x_0..x_3 (tokens' int8 rows, 32G bytes), a_0..a_3 (tokens' fp32
+    [sx[G], c[G]]), out (fp32 [nt, W]: out[W t + 8 k + r] = row r of tile k . token t). Token slots
+    j >= nt are ignored. With TPC = 2 each register holds the same 4 inputs of both tiles' 8 rows."""
+    L = W
+    vb, vi32, vf = ir.VectorType(_i8, 4 * L), ir.VectorType(_i32, L), ir.VectorType(_f32, L)
 
     @intrinsic
-    def dot_tile(typingctx, w, G, x0, x1, x2, x3, a0, a1, a2, a3, out):
-        sig = types.void(w, G, x0, x1, x2, x3, a0, a1, a2, a3, out)
+    def dot_tile(typingctx, w, ts, G, x0, x1, x2, x3, a0, a1, a2, a3, out):
+        sig = types.void(w, ts, G, x0, x1, x2, x3, a0, a1, a2, a3, out)
 
         def codegen(context, builder, signature, args):
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_v8f32, [_v8f32] * 3),
-                                                 "llvm.fma.v8f32")
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf] * 3), f"llvm.fma.v{L}f32")
             i8p = _i8.as_pointer()
             args = [builder.sext(a, _i64) if a.type.width < 64 else a for a in args]
-            wp, ng = builder.inttoptr(args[0], i8p), args[1]
-            xps = [builder.inttoptr(a, i8p) for a in args[2:2 + nt]]
-            aps = [builder.inttoptr(a, i8p) for a in args[6:6 + nt]]
-            outp = builder.inttoptr(args[10], _f32.as_pointer())
+            wps = [builder.inttoptr(builder.add(args[0], builder.mul(args[1], ir.Constant(_i64, k))), i8p)
+                   for k in range(TPC)]
+            ng = args[2]
+            xps = [builder.inttoptr(a, i8p) for a in args[3:3 + nt]]
+            aps = [builder.inttoptr(a, i8p) for a in args[7:7 + nt]]
+            outp = builder.inttoptr(args[11], _f32.as_pointer())
             cofs = builder.mul(ng, ir.Constant(_i64, 4))  # c[] follows sx[]
             entry = builder.block
             header = builder.append_basic_block("dt.header")
@@ -137,9 +160,9 @@ def _make_dot_tile(nt):
             builder.position_at_end(header)
             g = builder.phi(_i64)
             g.add_incoming(ir.Constant(_i64, 0), entry)
-            accs = [builder.phi(_v8f32) for _ in range(nt)]
+            accs = [builder.phi(vf) for _ in range(nt)]
             for a in accs:
-                a.add_incoming(_splat(_v8f32, 0.0), entry)
+                a.add_incoming(_splat(vf, 0.0), entry)
             builder.cbranch(builder.icmp_signed("<", g, ng), body, done)
 
             builder.position_at_end(body)
@@ -147,34 +170,37 @@ def _make_dot_tile(nt):
             if PREFETCH:  # software prefetch PREFETCH bytes ahead: 3 lines cover one 144-byte step
                 pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
                     ir.VoidType(), [i8p, _i32, _i32, _i32]), "llvm.prefetch.p0i8")
-                for d in (0, 64, 128):
-                    addr = builder.gep(wp, [builder.add(bofs, ir.Constant(_i64, PREFETCH + d))])
-                    builder.call(pf, [addr, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
+                for wp in wps:
+                    for d in (0, 64, 128):
+                        addr = builder.gep(wp, [builder.add(bofs, ir.Constant(_i64, PREFETCH + d))])
+                        builder.call(pf, [addr, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
             lo, hi = [], []
             for j in range(4):
-                v = _gep_load(builder, wp, builder.add(bofs, ir.Constant(_i64, 32 * j)), _v32i8)
-                lo.append(builder.and_(v, _splat(_v32i8, 15)))
-                hi.append(builder.and_(builder.lshr(v, _splat(_v32i8, 4)), _splat(_v32i8, 15)))
-            s8 = _gep_load(builder, wp, builder.add(bofs, ir.Constant(_i64, 128)), _v8i16)
-            sw = builder.bitcast(builder.shl(builder.zext(s8, _v8i32), _splat(_v8i32, 16)), _v8f32)
+                v = _concat(builder, [_gep_load(builder, wp, builder.add(bofs, ir.Constant(_i64, 32 * j)), _v32i8)
+                                      for wp in wps])
+                lo.append(builder.and_(v, _splat(vb, 15)))
+                hi.append(builder.and_(builder.lshr(v, _splat(vb, 4)), _splat(vb, 15)))
+            s8 = _concat(builder, [_gep_load(builder, wp, builder.add(bofs, ir.Constant(_i64, 128)), _v8i16)
+                                   for wp in wps])
+            sw = builder.bitcast(builder.shl(builder.zext(s8, vi32), _splat(vi32, 16)), vf)
             xofs = builder.mul(g, ir.Constant(_i64, 32))
             aofs = builder.mul(g, ir.Constant(_i64, 4))
             new = []
             for t in range(nt):
                 acc16 = None
-                acc32 = _splat(_v8i32, 0)
+                acc32 = _splat(vi32, 0)
                 for j in range(4):
                     for half, u in ((0, lo[j]), (1, hi[j])):
                         xi = _gep_load(builder, xps[t], builder.add(xofs, ir.Constant(_i64, 16 * half + 4 * j)), _i32)
-                        xv = builder.bitcast(_bcast(builder, xi, _v8i32), _v32i8)
+                        xv = builder.bitcast(_bcast(builder, xi, vi32), vb)
                         if VNNI:
                             acc32 = _dpbusd(builder, acc32, u, xv)
                             continue
                         p = _maddubs(builder, u, xv)
                         acc16 = p if acc16 is None else builder.add(acc16, p)
-                f = builder.sitofp(acc32 if VNNI else _pairsum_i32(builder, acc16), _v8f32)
-                sx = _bcast(builder, _gep_load(builder, aps[t], aofs, _f32), _v8f32)
-                cg = _bcast(builder, _gep_load(builder, aps[t], builder.add(cofs, aofs), _f32), _v8f32)
+                f = builder.sitofp(acc32 if VNNI else _pairsum_i32(builder, acc16), vf)
+                sx = _bcast(builder, _gep_load(builder, aps[t], aofs, _f32), vf)
+                cg = _bcast(builder, _gep_load(builder, aps[t], builder.add(cofs, aofs), _f32), vf)
                 new.append(builder.call(fma, [sw, builder.call(fma, [f, sx, cg]), accs[t]]))
             nxt = builder.add(g, ir.Constant(_i64, 1))
             end_body = builder.block
@@ -185,7 +211,7 @@ def _make_dot_tile(nt):
 
             builder.position_at_end(done)
             for t in range(nt):
-                p = builder.bitcast(builder.gep(outp, [ir.Constant(_i64, 8 * t)]), _v8f32.as_pointer())
+                p = builder.bitcast(builder.gep(outp, [ir.Constant(_i64, L * t)]), vf.as_pointer())
                 builder.store(accs[t], p, align=4)
             return context.get_dummy_value()
 
@@ -243,18 +269,18 @@ def quantize_rows(x, xq, asc, split):
 
 
 @njit(nogil=True, cache=_CACHE, inline="always")
-def _dots(wp, G, nt, xb, xs, ab, as_, toks, s, ob):
-    """fp32 at address ob [nt, 8] = the tile of 8 rows at wp . rows toks[s:s+nt] of the
-    activations at xb (int8, xs bytes per row) / ab (fp32 sx, c; as_ bytes per row)."""
+def _dots(wp, ts, G, nt, xb, xs, ab, as_, toks, s, ob):
+    """fp32 at address ob [nt, W] = the TPC tiles of 8 rows at wp (ts bytes apart) . rows toks[s:s+nt]
+    of the activations at xb (int8, xs bytes per row) / ab (fp32 sx, c; as_ bytes per row)."""
     x0 = xb + toks[s] * xs
     a0 = ab + toks[s] * as_
     if nt == 4:
-        _dot4(wp, G, x0, xb + toks[s + 1] * xs, xb + toks[s + 2] * xs, xb + toks[s + 3] * xs,
+        _dot4(wp, ts, G, x0, xb + toks[s + 1] * xs, xb + toks[s + 2] * xs, xb + toks[s + 3] * xs,
               a0, ab + toks[s + 1] * as_, ab + toks[s + 2] * as_, ab + toks[s + 3] * as_, ob)
     elif nt == 2:
-        _dot2(wp, G, x0, xb + toks[s + 1] * xs, x0, x0, a0, ab + toks[s + 1] * as_, a0, a0, ob)
+        _dot2(wp, ts, G, x0, xb + toks[s + 1] * xs, x0, x0, a0, ab + toks[s + 1] * as_, a0, a0, ob)
     else:
-        _dot1(wp, G, x0, x0, x0, x0, a0, a0, a0, a0, ob)
+        _dot1(wp, ts, G, x0, x0, x0, x0, a0, a0, a0, a0, ob)
 
 
 @njit(parallel=True, nogil=True, cache=_CACHE)
@@ -277,24 +303,24 @@ def gate_up(wg, wu, xq, xasc, xrow, split, estart, item_e, item_r0, rows_per_ite
         r0 = item_r0[it]
         s0, s1 = estart[e], estart[e + 1]
         h = np.empty((s1 - s0, rows_per_item), np.float32)
-        ob = np.empty(32, np.float32)
-        og = np.empty(32, np.float32)
+        ob = np.empty(4 * W, np.float32)
+        og = np.empty(4 * W, np.float32)
         obp = np.int64(ob.ctypes.data)
         s = s0
         while s < s1:
             ns = 4 // split if s1 - s >= 4 // split else (2 // split if s1 - s >= 2 // split else 1)
-            for tl in range(rows_per_item // TILE):
+            for tl in range(0, rows_per_item // TILE, TPC):
                 tile = np.int64(e) * ntile + r0 // TILE + tl
-                _dots(wgb + tile * tb, GD, ns * split, xb, xs, ab, as_, xrow, split * s, obp)
+                _dots(wgb + tile * tb, tb, GD, ns * split, xb, xs, ab, as_, xrow, split * s, obp)
                 og[:] = ob
-                _dots(wub + tile * tb, GD, ns * split, xb, xs, ab, as_, xrow, split * s, obp)
+                _dots(wub + tile * tb, tb, GD, ns * split, xb, xs, ab, as_, xrow, split * s, obp)
                 for j in range(ns):
-                    for r in range(TILE):
-                        gv = og[8 * split * j + r]
-                        uv = ob[8 * split * j + r]
+                    for r in range(W):
+                        gv = og[W * split * j + r]
+                        uv = ob[W * split * j + r]
                         if split == 2:
-                            gv += og[8 * (2 * j + 1) + r]
-                            uv += ob[8 * (2 * j + 1) + r]
+                            gv += og[W * (2 * j + 1) + r]
+                            uv += ob[W * (2 * j + 1) + r]
                         h[s + j - s0, 8 * tl + r] = gv / (np.float32(1.0) + np.exp(-gv)) * uv
             s += ns
         for j in range(s1 - s0):
@@ -315,7 +341,7 @@ def down(wd, hq, hasc, slot_tok, slot_w, act_e, estart, y):
     hs, as_ = np.int64(hq.shape[1]), np.int64(hasc.shape[1] * 4)
     nitems = ntile * TILE // ROWS_PER_ITEM
     for it in prange(nitems):
-        ob = np.empty(32, np.float32)
+        ob = np.empty(4 * W, np.float32)
         obp = np.int64(ob.ctypes.data)
         ids = np.empty(4, np.int64)
         for ei in range(act_e.shape[0]):
@@ -326,14 +352,14 @@ def down(wd, hq, hasc, slot_tok, slot_w, act_e, estart, y):
                 nt = 4 if s1 - s >= 4 else (2 if s1 - s >= 2 else 1)
                 for j in range(nt):
                     ids[j] = s + j  # hq rows are slots
-                for tl in range(ROWS_PER_ITEM // TILE):
+                for tl in range(0, ROWS_PER_ITEM // TILE, TPC):
                     t8 = it * (ROWS_PER_ITEM // TILE) + tl
-                    _dots(wdb + (np.int64(e) * ntile + t8) * tb, GI, nt, hb, hs, ab, as_, ids, 0, obp)
+                    _dots(wdb + (np.int64(e) * ntile + t8) * tb, tb, GI, nt, hb, hs, ab, as_, ids, 0, obp)
                     for j in range(nt):
                         tok = slot_tok[s + j]
                         wgt = slot_w[s + j]
-                        for r in range(TILE):
-                            y[tok, 8 * t8 + r] += wgt * ob[8 * j + r]
+                        for r in range(W):
+                            y[tok, 8 * t8 + r] += wgt * ob[W * j + r]
                 s += nt
 
 
@@ -352,7 +378,7 @@ def down_slots(wd, hq, hasc, estart, item_e, item_r0, rows_per_item, out):
         e = item_e[it]
         r0 = item_r0[it]
         s0, s1 = estart[e], estart[e + 1]
-        ob = np.empty(32, np.float32)
+        ob = np.empty(4 * W, np.float32)
         obp = np.int64(ob.ctypes.data)
         ids = np.empty(4, np.int64)
         s = s0
@@ -360,11 +386,11 @@ def down_slots(wd, hq, hasc, estart, item_e, item_r0, rows_per_item, out):
             nt = 4 if s1 - s >= 4 else (2 if s1 - s >= 2 else 1)
             for j in range(nt):
                 ids[j] = s + j
-            for t8 in range(r0 // TILE, (r0 + rows_per_item) // TILE):
-                _dots(wdb + (np.int64(e) * ntile + t8) * tb, GI, nt, hb, hs, ab, as_, ids, 0, obp)
+            for t8 in range(r0 // TILE, (r0 + rows_per_item) // TILE, TPC):
+                _dots(wdb + (np.int64(e) * ntile + t8) * tb, tb, GI, nt, hb, hs, ab, as_, ids, 0, obp)
                 for j in range(nt):
-                    for r in range(TILE):
-                        out[s + j, 8 * t8 + r] = ob[8 * j + r]
+                    for r in range(W):
+                        out[s + j, 8 * t8 + r] = ob[W * j + r]
             s += nt
 
 

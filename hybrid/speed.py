@@ -124,12 +124,15 @@ _LINEAR_PARTS = ("attention", "dense_mlp", "shared_experts", "lm_head")     # kv
 
 
 def predict(config: ModelConfig, plan, hw: Hardware, prefill_tokens: int, *, expert_bytes: int, params: int,
-            kv_bytes: float, dtype: str | None = None, cpu_weights: str | None = None) -> None:
+            kv_bytes: float, dtype: str | None = None, cpu_weights: str | None = None,
+            experts_hit: float | None = None) -> None:
     """Fill the plan's predictions (expert_bytes: one routed expert; params: accelerator-side linear
     weights; kv_bytes: bytes per cached latent value). The model, per decode step of a batch of B sequences:
         cpu  = distinct routed-expert bytes on the CPU / (ram_bw * cpu_kernel_efficiency)
                (distinct experts per layer E*(1-(1-k/E)^B), uniform routing; hot experts take
-               their uniform share gpu_experts / (layers * E) of those bytes to the GPU)
+               their uniform share gpu_experts / (layers * E) of those bytes to the GPU; `experts_hit`, the
+               distinct experts per layer a run measured, replaces the uniform figure: tools/bench_generate.py
+               passes its own, as a random-weight router sends a batch to fewer experts than K2.6's)
         gpu  = (accelerator-side weights except embeddings + hot-expert share + the KV cache read at
                half the context) / gpu_bw      (on a CPU-only machine: / ram_bw)
         xfer = MoE layers * (2 * 10 us + B * D * 6 bytes / pcie)   (hidden to the CPU, result back)
@@ -154,7 +157,7 @@ def predict(config: ModelConfig, plan, hw: Hardware, prefill_tokens: int, *, exp
     n_moe, E, k, D = c.num_moe_layers, c.n_routed_experts, c.num_experts_per_tok, c.hidden_size
     frac_gpu = min(plan.gpu_experts, n_moe * E) / (n_moe * E) if (gpu and n_moe) else 0.0
     B = plan.batch
-    hit = expected_experts_hit(E, k, B) if n_moe else 0.0
+    hit = (expected_experts_hit(E, k, B) if experts_hit is None else experts_hit) if n_moe else 0.0
     cpu_bytes = n_moe * hit * eb * (1 - frac_gpu)
     t_cpu = cpu_bytes / (hw.ram_bandwidth_gbs * hw.cpu_kernel_efficiency * 1e9)
     # read every decode step: everything but the embedding table and the vision tower (prefill of images only)

@@ -12,6 +12,7 @@ integer sums are exact, so the outputs are bitwise equal); ISAs this CPU lacks a
 """
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -356,16 +357,49 @@ def run_isa(name, seed, tmp_path):
 
 
 def test_isa_pick_and_force():
-    assert isa.ISA in isa.supported() and isa.supported()[-1] == "generic"
+    assert isa.ISA in isa.ISAS and isa.supported()[-1] == "generic"
     assert isa.pick("auto") == (isa.supported()[0], False)
-    assert isa.pick("generic") == ("generic", True)
-    zen4 = {"avx2": True, "avx512vnni": True, "avx512vl": True}
+    assert isa.pick("generic") == ("generic", True) and isa.pick("generic512") == ("generic512", True)
+    zen4 = {"avx2": True, "avx512vnni": True, "avx512vl": True, "avx512f": True, "avx512bw": True}
     assert isa.pick("auto", zen4)[0] == "avx512vnni" and isa.pick("auto", {"avx2": True})[0] == "avx2"
+    assert isa.pick("avx512vnni512", zen4) == ("avx512vnni512", True)       # opt-in: never auto
+    assert not set(isa.OPT_IN) & set(isa.supported(zen4))
     assert isa.pick("auto", {"avx2": True, "avxvnni": True})[0] == "avxvnni"
     with pytest.raises(RuntimeError, match="lacks avx512vnni"):
         isa.pick("avx512vnni", {"avx2": True})
+    with pytest.raises(RuntimeError, match="lacks avx512vnni, avx512f, avx512bw"):
+        isa.pick("avx512vnni512", {"avx2": True})
     with pytest.raises(ValueError, match="unknown"):
         isa.pick("sse9")
+
+
+# Compile (never run) the AVX-512 kernels for a Zen 4 on any machine: numba targets NUMBA_CPU_NAME /
+# NUMBA_CPU_FEATURES, which isa.py also reads. The instructions are checked in the assembly.
+ZEN4_FEATURES = "+avx2,+fma,+f16c,+bmi2,+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vnni"
+ASM_SCRIPT = r"""
+from numba import njit
+from cpu_kernels import moe_int4 as m
+sig = "void(" + ",".join(["int64"] * 12) + ")"
+@njit(sig)
+def four(w, ts, G, x0, x1, x2, x3, a0, a1, a2, a3, out):
+    m._dot4(w, ts, G, x0, x1, x2, x3, a0, a1, a2, a3, out)
+print(m.ISA, m.W)
+print(four.inspect_asm(four.signatures[0]))
+"""
+
+
+@pytest.mark.parametrize("name, reg, width", [("avx512vnni512", "zmm", 16), ("avx512vnni", "ymm", 8)])
+def test_isa_avx512_compiles_for_zen4(name, reg, width):
+    env = dict(os.environ, HYBRID_CPU_ISA=name, NUMBA_CPU_NAME="znver4", NUMBA_CPU_FEATURES=ZEN4_FEATURES)
+    r = subprocess.run([sys.executable, "-c", ASM_SCRIPT], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    head, asm = r.stdout.split("\n", 1)
+    assert head == f"{name} {width}"
+    dp = re.findall(r"vpdpbusd\s+(.*)", asm)          # AT&T operands: [mem or reg], reg, reg (the accumulator)
+    # 4 tokens x 8 products per group step, all on `reg`; no AVX2 fallback in the loop
+    assert len(dp) >= 32 and {r[:3] for d in dp for r in re.findall(r"%([xyz]mm)\d+", d)} == {reg}, dp[:8]
+    assert "vpmaddubsw" not in asm
 
 
 @pytest.mark.parametrize("name", isa.ISAS)

@@ -168,3 +168,16 @@ def test_cpu_prefill_follows_cpulinear_paths(k26):
         else:
             want = 2 * params * T / 200e9 + params * (2 + 8) / (40.0 * 1e9) + attn
         assert p.prediction["prefill_s"]["accelerator"] == pytest.approx(want, rel=1e-9)
+
+
+def test_measured_experts_hit_replaces_uniform_routing(k26):
+    """bench_generate passes the distinct experts per layer it measured: the CPU expert time is then
+    those experts' bytes at the kernel's rate, not the uniform-routing expectation's."""
+    hw = Hardware.from_dict(BENCH)
+    p, _ = _cpu_plan(k26, 16, dtype="float32", cpu_weights="bf16")
+    uniform = p.prediction["decode_step_ms"]["cpu_experts"]
+    p2, _ = _cpu_plan(k26, 16, dtype="float32", cpu_weights="bf16", experts_hit=20.0)
+    want = k26.num_moe_layers * 20.0 * expert_bytes(k26) / (hw.ram_bandwidth_gbs * hw.cpu_kernel_efficiency * 1e9)
+    assert p2.prediction["decode_step_ms"]["cpu_experts"] == pytest.approx(1e3 * want)
+    assert uniform > p2.prediction["decode_step_ms"]["cpu_experts"]      # 16 tokens x top-8 of 384 hit > 20
+    assert p2.predicted_decode_tok_s > p.predicted_decode_tok_s

@@ -17,9 +17,10 @@ last-level cache so every weight comes from DRAM:
                   CPULinear.mla_query + mla_output (cpu_kernels/mla_absorb.py).
 GB/s = weight bytes of the path / time (best of rounds); ratio = GB/s / read bandwidth measured right
 before and after each path's run (the best of the two). Also: torch's matmul GFLOP/s at 2048^3 in
-float32 and bf16 (prefill), and the int8 dot-product peak: a register-only loop of 256-bit vpmaddubsw +
-vpmaddwd (the AVX2 expert kernels' instructions, cpu_kernels/moe_int4.py) on all threads, in
-GOP/s (one u8 x s8 multiply + one add = 2 ops), the physical ceiling of the INT4 x INT8 prefill.
+float32 and bf16 (prefill), and the int8 dot-product peak: a register-only loop of the expert kernels'
+instructions (cpu_kernels/moe_int4.py, its ISA: 256-bit vpmaddubsw + vpmaddwd on AVX2, vpdpbusd at 256
+or 512 bits with VNNI) on all threads, in GOP/s (one u8 x s8 multiply + one add = 2 ops), the physical
+ceiling of the INT4 x INT8 prefill.
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ CHAINS = 12          # independent dependency chains: enough to cover vpmaddubsw
 
 
 def _make_peak():
-    _v32i8, _v8i32 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(32), 8)
+    L = moe_int4.W if moe_int4.VNNI else 8       # s32 lanes of the expert kernels' registers
+    _v32i8, _v8i32 = ir.VectorType(ir.IntType(8), 4 * L), ir.VectorType(ir.IntType(32), L)
 
     @intrinsic
     def int8_loop(typingctx, n, seed):
@@ -64,7 +66,7 @@ def _make_peak():
             i64 = ir.IntType(64)
             s8 = builder.trunc(seed, ir.IntType(8))
             b = builder.insert_element(ir.Constant(_v32i8, None), s8, ir.Constant(ir.IntType(32), 0))
-            b = builder.shuffle_vector(b, b, ir.Constant(ir.VectorType(ir.IntType(32), 32), [0] * 32))
+            b = builder.shuffle_vector(b, b, ir.Constant(ir.VectorType(ir.IntType(32), 4 * L), [0] * (4 * L)))
             entry = builder.block
             head = builder.append_basic_block("pk.head")
             body = builder.append_basic_block("pk.body")
@@ -75,11 +77,14 @@ def _make_peak():
             i.add_incoming(ir.Constant(i64, 0), entry)
             accs = [builder.phi(_v8i32) for _ in range(CHAINS)]
             for j, a in enumerate(accs):
-                a.add_incoming(ir.Constant(_v8i32, [j + 1] * 8), entry)
+                a.add_incoming(ir.Constant(_v8i32, [j + 1] * L), entry)
             builder.cbranch(builder.icmp_signed("<", i, n), body, done)
             builder.position_at_end(body)
-            new = [builder.add(a, moe_int4._pairsum_i32(builder, moe_int4._maddubs(
-                builder, builder.bitcast(a, _v32i8), b))) for a in accs]
+            if moe_int4.VNNI:     # one vpdpbusd per step (256- or 512-bit, as the kernels use)
+                new = [moe_int4._dpbusd(builder, a, builder.bitcast(a, _v32i8), b) for a in accs]
+            else:
+                new = [builder.add(a, moe_int4._pairsum_i32(builder, moe_int4._maddubs(
+                    builder, builder.bitcast(a, _v32i8), b))) for a in accs]
             nxt = builder.add(i, ir.Constant(i64, 1))
             end = builder.block
             builder.branch(head)
@@ -106,12 +111,14 @@ def _make_peak():
 
 
 def int8_dot_peak(threads: int, rounds: int = 3) -> float:
-    """GOP/s of the vpmaddubsw + vpmaddwd loop on `threads` threads (CHAINS x 32 byte pairs x 2 ops)."""
+    """GOP/s of the expert kernels' int8 dot instructions on `threads` threads: vpmaddubsw + vpmaddwd
+    (AVX2), or vpdpbusd at their register width (VNNI ISAs); CHAINS x (4 x lanes) byte pairs x 2 ops."""
     run = _make_peak()
     numba.set_num_threads(threads)
     run(threads, 1000)
     best = min(_timeit(lambda: run(threads, PEAK_ITERS)) for _ in range(rounds))
-    return threads * PEAK_ITERS * CHAINS * 32 * 2 / best / 1e9
+    lanes = moe_int4.W if moe_int4.VNNI else 8
+    return threads * PEAK_ITERS * CHAINS * 4 * lanes * 2 / best / 1e9
 
 
 def _timeit(fn):

@@ -21,7 +21,9 @@ our Numba matrix-vector kernels at decode; off: torch's Linears); with --logit-e
 "off" and is swapped after the reference logits are taken; --logit-error then also reports
 the logits of a 64-token prompt, every row through the Numba kernels, against the unswapped model
 (rel-L2 per position, argmax agreement). --hw adds hybrid plan's prediction (hybrid/speed.py) beside
-the measured tok/s, with this run's dtype and CPU weight format.
+the measured tok/s, with this run's dtype and CPU weight format, and for decode the distinct experts
+this run touched (a random-weight router spreads a batch over fewer experts than uniform routing, the
+plan's assumption for a real model; that figure is kept as predicted_decode_tok_s_uniform).
 """
 from __future__ import annotations
 
@@ -136,11 +138,15 @@ def run_batch(llm, timer, B: int, prompt_len: int, steps: int) -> dict:
             "accel_ms_per_step": 1e3 * ov["accel_s"] / steps, "wait_ms_per_step": 1e3 * ov["wait_s"] / steps}
 
 
-def predicted(llm, hw_file: str, batch: int, prompt_len: int, steps: int, cpu_weights: str = "off") -> dict:
+def predicted(llm, hw_file: str, batch: int, prompt_len: int, steps: int, cpu_weights: str = "off",
+              expert_bytes_per_step: float | None = None) -> dict:
     """hybrid plan's prediction for this machine (no GPU here: everything in RAM), re-run by
-    hybrid.speed.predict with this run's dtype and CPU weight format. Prefill: the plan's one prompt of
-    batch * prompt_len tokens (the batched prefill's Linears and experts see that many rows; its
-    attention, per prompt, is a small part at these lengths)."""
+    hybrid.speed.predict with this run's dtype and CPU weight format. Decode: with the distinct experts
+    per layer this run touched (expert_bytes_per_step), not the plan's uniform-routing figure: the
+    synthetic router's random weights send a batch to fewer experts than uniform (the plan models the
+    machine; routing is the weights'); the uniform figure is kept as predicted_decode_tok_s_uniform.
+    Prefill: the plan's one prompt of batch * prompt_len tokens (the batched prefill's Linears and
+    experts see that many rows; its attention, per prompt, is a small part at these lengths)."""
     from hybrid.plan import Hardware, machine_memory, make_plan
     from hybrid.speed import predict
     hw = Hardware.from_dict(json.load(open(hw_file)))
@@ -150,9 +156,15 @@ def predicted(llm, hw_file: str, batch: int, prompt_len: int, steps: int, cpu_we
                      cpu_weights=cpu_weights)
     from hybrid.plan import KV_BYTES, expert_bytes, linear_shapes
     params = sum(n * k for shapes in linear_shapes(llm.config).values() for n, k in shapes)
-    predict(llm.config, plan, hw, batch * prompt_len, expert_bytes=expert_bytes(llm.config), params=params,
-            kv_bytes=KV_BYTES, dtype=str(llm.dtype).replace("torch.", ""), cpu_weights=cpu_weights)
-    return {"predicted_prefill_tok_s": plan.predicted_prefill_tok_s,
+    kw = dict(expert_bytes=expert_bytes(llm.config), params=params, kv_bytes=KV_BYTES,
+              dtype=str(llm.dtype).replace("torch.", ""), cpu_weights=cpu_weights)
+    predict(llm.config, plan, hw, batch * prompt_len, **kw)
+    out = {"predicted_decode_tok_s_uniform": plan.predicted_decode_tok_s}
+    n_moe = llm.config.num_moe_layers
+    if expert_bytes_per_step and n_moe:
+        predict(llm.config, plan, hw, batch * prompt_len, experts_hit=expert_bytes_per_step / (
+            n_moe * kw["expert_bytes"]), **kw)
+    return {**out, "predicted_prefill_tok_s": plan.predicted_prefill_tok_s,
             "predicted_decode_tok_s": plan.predicted_decode_tok_s,
             "predicted_step_ms": plan.prediction["decode_step_ms"]}
 
@@ -200,7 +212,7 @@ def main(argv=None):
         r["bound_tok_s"] = B / (step_bytes / (bw * 1e9))
         r["of_bound"] = r["decode_tok_s"] / r["bound_tok_s"]
         if args.hw:
-            r.update(predicted(llm, args.hw, B, args.prompt_len, args.steps, cpu_weights))
+            r.update(predicted(llm, args.hw, B, args.prompt_len, args.steps, cpu_weights, r["expert_bytes_per_step"]))
         rows.append(r)
     result = {"model_dir": args.model_dir, "read_bandwidth_gbs": bw, "threads": threads,
               "device": str(llm.device), "dtype": str(llm.dtype), "cpu_weights": cpu_weights,
@@ -224,7 +236,8 @@ def main(argv=None):
     if args.hw:
         print("hybrid plan's prediction for this machine (--hw): " + "; ".join(
             f"batch {r['batch']}: prefill {r['predicted_prefill_tok_s']:.1f} (measured {r['prefill_tok_s']:.1f}), "
-            f"decode {r['predicted_decode_tok_s']:.2f} (measured {r['decode_tok_s']:.2f}) tok/s" for r in rows))
+            f"decode {r['predicted_decode_tok_s']:.2f} (measured {r['decode_tok_s']:.2f}; uniform routing "
+            f"{r['predicted_decode_tok_s_uniform']:.2f}) tok/s" for r in rows))
     return result
 
 
