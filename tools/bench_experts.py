@@ -3,6 +3,7 @@
     python tools/bench_experts.py [--quick] [--json] [--threads N] [--act-format int8|int8x2]
                                   [--prefill-experts E] [--dense | --dense-only]
                                   [--llamacpp [--llamacpp-rounds R] [--llamacpp-experts E]]
+                                  [--isas avx512vnni512,avx512vnni,avx2 [--isa-rounds R]]
 
 Measures (1) read bandwidth: a STREAM-like parallel sum over 1 GiB (Numba, all threads, best of
 several runs), (2) the fp32 FMA peak: torch.matmul 2048^3 (OpenBLAS/oneDNN, all threads) and (3) the
@@ -31,6 +32,10 @@ dot-product peak (a vpmaddubsw + vpmaddwd loop) beside the fp32 peak; --dense-on
 --json prints one object with read_bandwidth_gbs, fma_peak_gflops, decode_gbs, decode_ratio,
 prefill_512_gflops, prefill_512_ratio, prefill_512_int8_ratio, int8_dot_peak_gops, threads,
 read_bandwidth_after_gbs (+ kt_* where kt-kernel runs, llamacpp_* and *_vs_llamacpp* with --llamacpp).
+--isas A,B,...: the expert kernels under each instruction set (HYBRID_CPU_ISA, cpu_kernels/isa.py), one
+subprocess per set, the sets alternating over --isa-rounds rounds (best of the rounds each), side by side:
+decode GB/s and its ratio to the bandwidth measured in that subprocess, prefill GFLOP/s and the ratio to
+that set's int8 dot peak, and each figure over the first set's (e.g. the AVX2 path forced beside AVX-512).
 """
 import argparse
 import json
@@ -210,7 +215,11 @@ def main(argv=None):
     ap.add_argument("--llamacpp", action="store_true", help="also llama.cpp's CPU MoE kernels, back to back")
     ap.add_argument("--llamacpp-rounds", type=int, default=None, help="rounds of ours/theirs (3, 1 with --quick)")
     ap.add_argument("--llamacpp-experts", type=int, default=None, help="prefill experts there (128, 64 --quick)")
+    ap.add_argument("--isas", default=None, help="comma list of HYBRID_CPU_ISA values to compare, one subprocess each")
+    ap.add_argument("--isa-rounds", type=int, default=2, help="alternating rounds of --isas (best of them each)")
     args = ap.parse_args(argv)
+    if args.isas:
+        return compare_isas(args, say=(lambda *a: print(*a, file=sys.stderr)) if args.json else print)
     N = args.threads
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     json_out = sys.stdout
@@ -323,6 +332,56 @@ def main(argv=None):
     if args.json:
         print(json.dumps(res, default=float), file=json_out, flush=True)
     return res
+
+
+ISA_KEYS = ("decode_gbs", "decode_ratio", "prefill_512_gflops", "prefill_2048_gflops", "prefill_512_int8_ratio",
+            "prefill_2048_int8_ratio", "int8_dot_peak_gops", "read_bandwidth_gbs")
+
+
+def compare_isas(args, say=print, run_one=None) -> dict:
+    """--isas: this script under each HYBRID_CPU_ISA in turn (`run_one(isa, argv) -> its --json dict`,
+    default a subprocess), best of --isa-rounds rounds per figure, ratios to the first set."""
+    from cpu_kernels import isa as isa_mod
+    names = [n.strip().lower() for n in args.isas.split(",") if n.strip()]
+    for n in names:
+        lack = isa_mod.missing(n)           # ValueError for an unknown name
+        if lack:
+            raise SystemExit(f"--isas: this CPU lacks {', '.join(lack)} for {n}; it can run "
+                             f"{', '.join(i for i in isa_mod.ISAS if not isa_mod.missing(i))}")
+    argv = ["--json", "--threads", str(args.threads), "--act-format", args.act_format]
+    argv += ["--quick"] if args.quick else []
+    argv += ["--prefill-experts", str(args.prefill_experts)] if args.prefill_experts else []
+    run_one = run_one or _run_isa
+    best = {n: {} for n in names}
+    for r in range(args.isa_rounds):
+        for n in names:
+            out = run_one(n, argv)
+            assert out.get("isa") == n, (n, out.get("isa"))
+            for k in ISA_KEYS:
+                if k in out:
+                    best[n][k] = max(best[n].get(k, 0.0), float(out[k]))
+            say(f"round {r + 1}, {n}: " + ", ".join(f"{k} {best[n][k]:.2f}" for k in ISA_KEYS if k in out))
+    base = names[0]
+    res = {"isa_compare": best, "isa_rounds": args.isa_rounds}
+    for n in names[1:]:
+        for k in ISA_KEYS:
+            if k in best[n] and best[base].get(k):
+                res[f"{n}_vs_{base}_{k}"] = best[n][k] / best[base][k]
+    say("\ninstruction sets, best of rounds:")
+    for n in names:
+        say(f"  {n:14s} " + "  ".join(f"{k} {v:8.2f}" for k, v in best[n].items()))
+    if args.json:
+        print(json.dumps(res, default=float), flush=True)
+    return res
+
+
+def _run_isa(isa: str, argv: list) -> dict:
+    import subprocess
+    env = dict(os.environ, HYBRID_CPU_ISA=isa)
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"bench_experts under HYBRID_CPU_ISA={isa} failed: {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def _mem_available() -> int:

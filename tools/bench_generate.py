@@ -203,6 +203,8 @@ def main(argv=None):
         cpu_weights = resolve_cpu_weights(args.cpu_weights, llm.device.type)[0]
         if cpu_weights != "off":
             err = logit_error(llm, cpu_weights)
+    # untimed warm-up: numba compiles (or loads from its cache) the kernels on first use
+    llm.generate([list(range(1, args.prompt_len + 1))] * 2, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     timer = ForwardTimer(llm)
     acc_bytes = accelerator_bytes(llm)
     rows = []
