@@ -20,7 +20,7 @@ code is ever cached, and numba keys its cache by CPU). CPU features are the host
 when set (numba then compiles for that CPU; tests use it to compile, not run, AVX-512 code on any machine).
 The tile layout (8 rows x 4 inputs per 32 bytes, layout.py) is the same for all.
 Checked by tests/test_cpu_kernels.py (each variant this CPU can run, in a subprocess; the AVX-512 code's
-instructions compiled for Zen 4).
+instructions compiled for Zen 4). docs/cpu_isa.md: the variants, how to measure them, an AMX design.
 """
 import os
 
