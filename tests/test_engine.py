@@ -175,6 +175,14 @@ def test_placement_auto_is_cpu_here_and_experts_stay_on_the_cpu(llm):
     assert "routed experts on the CPU" in format_placement(summary)
 
 
+def test_placement_names_the_expert_kernels_instruction_set(tiny_dir):
+    from cpu_kernels import isa
+    from hybrid.model.inventory import format_placement
+    summary = LLM(tiny_dir, expert_backend="numba", progress=False, max_batch=1, max_context=64).placement()
+    assert summary["expert_backend"] == "NumbaExperts" and summary["expert_isa"].split()[0] == isa.ISA
+    assert f"(NumbaExperts, {isa.ISA} kernels)" in format_placement(summary)
+
+
 def test_load_stops_before_reading_weights_when_the_plan_does_not_fit(tmp_path):
     """The real K2.6 config (no weights at all): the memory check refuses it on this machine,
     with the numbers and advice, before touching the (absent) checkpoint files."""

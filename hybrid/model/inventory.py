@@ -1,5 +1,6 @@
 """What a loaded model holds where, in bytes: accelerator-side weights by kind, the latent KV cache, the
-routed experts in RAM. Printed by LLM at load and by `hybrid demo`.
+routed experts in RAM (and, for our Numba experts, the instruction set their kernels use: cpu_kernels/isa.py).
+Printed by LLM at load and by `hybrid demo`.
 Checked by tests/test_engine.py."""
 from __future__ import annotations
 
@@ -33,8 +34,12 @@ def placement_summary(model, cache=None) -> dict:
         if offload is not None:
             experts += offload.backend.nbytes
             backend = type(offload.backend).__name__
+    isa = None
+    if backend == "NumbaExperts":          # hybrid/experts/backends.py: our kernels (cpu_kernels)
+        from cpu_kernels import isa as isa_mod
+        isa = isa_mod.ISA + (f" (forced by {isa_mod.ENV})" if isa_mod.FORCED else "")
     return {"device": str(device), "accelerator": accel, "kv_cache": cache.nbytes if cache is not None else 0,
-            "cpu_experts": experts, "expert_backend": backend}
+            "cpu_experts": experts, "expert_backend": backend, "expert_isa": isa}
 
 
 def format_placement(summary: dict) -> str:
@@ -46,6 +51,7 @@ def format_placement(summary: dict) -> str:
     lines.append(f"  {'latent KV cache':<18}{gb(summary['kv_cache'])}")
     if summary.get("cpu_weights") and not summary["cpu_weights"].startswith("off"):
         lines.append(f"  Linears on the CPU: {summary['cpu_weights']}")
-    lines.append(f"routed experts on the CPU ({summary['expert_backend']}):")
+    isa = f", {summary['expert_isa']} kernels" if summary.get("expert_isa") else ""
+    lines.append(f"routed experts on the CPU ({summary['expert_backend']}{isa}):")
     lines.append(f"  {'routed experts':<18}{gb(summary['cpu_experts'])}")
     return "\n".join(lines)
