@@ -24,7 +24,6 @@ from hybrid.synthetic import write_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ("demo", "chat", "serve", "batch", "plan", "profile", "bench")
-FAST_EXPERTS = r"(NumbaExperts|KTExperts)"    # the backends auto picks; TorchExperts would be the fallback
 
 
 def _env(**extra) -> dict:
@@ -88,7 +87,8 @@ def test_demo_end_to_end_default_backend(tmp_path):
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert (tmp_path / "tiny-k2.6" / "config.json").is_file()
-    assert re.search(rf"routed experts on the CPU \({FAST_EXPERTS}\)", out), out
+    # the backends auto picks (TorchExperts would be the fallback); ours names its instruction set
+    assert re.search(r"routed experts on the CPU \((NumbaExperts, [a-z0-9]+ kernels|KTExperts)\)", out), out
     assert "tok/s" in out and "hybrid serve" in out and "hybrid batch" in out
     stats = re.findall(r"\[(\d+) tokens, .*?\((\d+) reused from the KV cache\)", out)
     assert [int(n) for n, _ in stats][:2] == [4, 4]                  # two text turns (then the demo's image turn)
