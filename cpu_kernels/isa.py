@@ -54,6 +54,11 @@ def missing(isa: str, features: dict | None = None) -> list[str]:
     return [r for r in REQUIRES[isa] if not f.get(r, False)]
 
 
+def runnable(features: dict | None = None) -> list[str]:
+    """Every ISA this CPU (or `features`) can run, opt-in ones included: what HYBRID_CPU_ISA may force."""
+    return [i for i in ISAS if not missing(i, features)]
+
+
 def supported(features: dict | None = None) -> list[str]:
     """The ISAs auto can pick on this CPU (or `features`), best first."""
     return [i for i in AUTO if not missing(i, features)]
@@ -66,7 +71,7 @@ def pick(requested: str | None = None, features: dict | None = None) -> tuple[st
         return supported(features)[0], False
     lack = missing(req, features)
     if lack:
-        raise RuntimeError(f"{ENV}={req}: this CPU lacks {', '.join(lack)}; it can run {', '.join(supported(features))}")
+        raise RuntimeError(f"{ENV}={req}: this CPU lacks {', '.join(lack)}; it can run {', '.join(runnable(features))}")
     return req, True
 
 

@@ -59,7 +59,7 @@ _CACHE = not FORCED       # a forced ISA is compiled fresh: numba's cache does n
 _i8, _i16, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _v32i8 = ir.VectorType(_i8, 32)
 _v16i16, _v8i16, _v32i16 = ir.VectorType(_i16, 16), ir.VectorType(_i16, 8), ir.VectorType(_i16, 32)
-_v8i32, _v16i32, _v8f32 = ir.VectorType(_i32, 8), ir.VectorType(_i32, 16), ir.VectorType(_f32, 8)
+_v8i32, _v16i32 = ir.VectorType(_i32, 8), ir.VectorType(_i32, 16)
 
 
 def _splat(ty, value):

@@ -17,8 +17,8 @@ from hybrid.experts.streaming import LayerShape, Rates, expected_experts_hit, la
 
 TRANSFER_LATENCY_S = 10e-6        # per host<->device copy + sync in a decode step
 INT4_GPU_EFFICIENCY = 0.5         # W4A16 kernels reach about half the dense bf16 peak
-# bytes per weight of the accelerator-side Linears on the CPU, by path (dense_path)
 CPU_LINEAR_NUMBA_ROWS = 64     # hybrid/model/cpu_linear.py DECODE_ROWS: calls up to this many rows run our kernels
+# bytes per weight of the accelerator-side Linears on the CPU, by path (dense_path)
 PATH_BYTES = {"torch_float32": 4, "torch_bfloat16": 2, "torch_float16": 2, "numba_bf16": 2, "numba_int8": 1}
 
 

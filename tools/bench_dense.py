@@ -49,10 +49,11 @@ MLA_SHAPE = (64, 128, 512, 128)        # K2.6's kv_b_proj: heads, nope, kv_lora_
 BYTES = {"torch_float32": 4, "torch_bfloat16": 2, "numba_bf16": 2, "numba_int8": 1}
 PEAK_ITERS = 1 << 22
 CHAINS = 12          # independent dependency chains: enough to cover vpmaddubsw + vpmaddwd latency
+PEAK_LANES = moe_int4.W if moe_int4.VNNI else 8     # s32 lanes of the expert kernels' dot-product registers
 
 
 def _make_peak():
-    L = moe_int4.W if moe_int4.VNNI else 8       # s32 lanes of the expert kernels' registers
+    L = PEAK_LANES
     _v32i8, _v8i32 = ir.VectorType(ir.IntType(8), 4 * L), ir.VectorType(ir.IntType(32), L)
 
     @intrinsic
@@ -117,8 +118,7 @@ def int8_dot_peak(threads: int, rounds: int = 3) -> float:
     numba.set_num_threads(threads)
     run(threads, 1000)
     best = min(_timeit(lambda: run(threads, PEAK_ITERS)) for _ in range(rounds))
-    lanes = moe_int4.W if moe_int4.VNNI else 8
-    return threads * PEAK_ITERS * CHAINS * 4 * lanes * 2 / best / 1e9
+    return threads * PEAK_ITERS * CHAINS * 4 * PEAK_LANES * 2 / best / 1e9
 
 
 def _timeit(fn):

@@ -218,10 +218,10 @@ def main(argv=None):
     ap.add_argument("--isas", default=None, help="comma list of HYBRID_CPU_ISA values to compare, one subprocess each")
     ap.add_argument("--isa-rounds", type=int, default=2, help="alternating rounds of --isas (best of them each)")
     args = ap.parse_args(argv)
-    if args.isas:
-        return compare_isas(args, say=(lambda *a: print(*a, file=sys.stderr)) if args.json else print)
-    N = args.threads
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    if args.isas:
+        return compare_isas(args, say=say)
+    N = args.threads
     json_out = sys.stdout
     if args.json:   # native libraries (kt-kernel) print to fd 1: send that to stderr, keep stdout for the JSON
         sys.stdout.flush()
@@ -347,7 +347,7 @@ def compare_isas(args, say=print, run_one=None) -> dict:
         lack = isa_mod.missing(n)           # ValueError for an unknown name
         if lack:
             raise SystemExit(f"--isas: this CPU lacks {', '.join(lack)} for {n}; it can run "
-                             f"{', '.join(i for i in isa_mod.ISAS if not isa_mod.missing(i))}")
+                             f"{', '.join(isa_mod.runnable())}")
     argv = ["--json", "--threads", str(args.threads), "--act-format", args.act_format]
     argv += ["--quick"] if args.quick else []
     argv += ["--prefill-experts", str(args.prefill_experts)] if args.prefill_experts else []
